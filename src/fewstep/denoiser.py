@@ -1,0 +1,118 @@
+"""The one contract every model in fewstep speaks: a sigma-space denoiser.
+
+``denoise(x, sigma, cond) -> x0_hat`` with ``x = x0 + sigma * eps`` (the variance-exploding form of
+Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", arXiv
+2206.00364). Teachers, students, fake-score networks and wrapped third-party models all implement
+it, so every solver and method works on every model. Other formulations (VP, flow matching,
+TrigFlow) convert into it in :mod:`fewstep.conversions`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """Reshape a per-sample tensor ``(B,)`` so it broadcasts against a ``(B, ...)`` tensor."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def as_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """Return ``sigma`` as a ``(B,)`` tensor on ``x``'s device and dtype."""
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    return sigma.reshape(x.shape[0])
+
+
+class Denoiser(nn.Module):
+    """Base class of the sigma-space denoiser contract.
+
+    Attributes:
+        sigma_min: smallest noise level the model was trained on.
+        sigma_max: largest noise level (sampling starts from ``sigma_max * z``).
+        sigma_data: standard deviation of the data (0.5 for images in [-1, 1]).
+        sample_shape: shape of one sample, e.g. ``(1, 8, 8)`` or ``(2,)``.
+        num_classes: number of class labels (0 when unconditional). Label ``num_classes`` is the
+            null label used for classifier-free guidance.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    sample_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Standard normal noise of ``n`` samples of ``sample_shape``."""
+        return torch.randn((n, *self.sample_shape), generator=generator, device=device)
+
+
+def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM preconditioning (Karras et al. 2022, Table 1): ``(c_skip, c_out, c_in, c_noise)``."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class EDMDenoiser(Denoiser):
+    """Wrap a raw network ``F(c_in * x, c_noise, labels, extra)`` with EDM preconditioning.
+
+    ``D(x, sigma) = c_skip * x + c_out * F(c_in * x, c_noise)`` (Karras et al. 2022, Eq. 7).
+    ``extra`` carries additional scalar conditions (a guidance scale, a target time) that the
+    network embeds like its noise level; students use it, teachers leave it ``None``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sample_shape: tuple[int, ...],
+        num_classes: int = 0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.sample_shape = tuple(sample_shape)
+        self.num_classes = num_classes
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+
+    def raw(self, x: Tensor, sigma: Tensor, cond: Any = None, extra: Tensor | None = None) -> Tensor:
+        """The network output ``F`` before the skip connection (used by consistency students)."""
+        sigma = as_sigma(sigma, x)
+        _, _, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
+        return self.net(append_dims(c_in, x.ndim) * x, c_noise, cond, extra)
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, extra: Tensor | None = None) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        c_skip, c_out, _, _ = edm_scalings(sigma, self.sigma_data)
+        F_x = self.raw(x, sigma, cond, extra)
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * F_x
+
+
+class NFECounter(Denoiser):
+    """Wrap a denoiser and count its network evaluations (one per batched call)."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        super().__init__()
+        self.inner = inner
+        self.nfe = 0
+        for name in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
+            setattr(self, name, getattr(inner, name, getattr(Denoiser, name)))
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, **kwargs: Any) -> Tensor:
+        self.nfe += 1
+        return self.inner(x, sigma, cond, **kwargs)

@@ -1,0 +1,131 @@
+"""The contract between a distillation method and the engine (DESIGN.md §4).
+
+A method is maths over a few networks. It declares them, the optimizers that update them, any
+EMA copies its loss needs (a consistency target, a TRACT self-teacher), and computes losses; the
+engine (:mod:`fewstep.train`) owns devices, optimizer steps, EMA updates, checkpoints, logging.
+
+Conventions the engine relies on:
+- every entry of :meth:`Method.networks`, :meth:`Method.frozen` and :meth:`Method.emas` is an
+  attribute of the method under the same name (the engine may replace a trainable one with its
+  DDP-wrapped version via ``setattr``);
+- randomness comes from torch's global RNG (the engine seeds it per process and restores it on
+  resume), never from a private generator;
+- :meth:`Method.losses` computes only the losses of the optimizers in ``due`` and returns them
+  keyed by optimizer name; the engine back-propagates each and steps only that optimizer;
+- nothing in the hot path calls ``.item()`` or ``.cpu()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.denoiser import Denoiser
+
+Family = Literal["output", "trajectory", "adversarial"]
+
+
+@dataclass
+class Batch:
+    """One training batch. ``x`` is real (or teacher-generated) data when the method needs data,
+    else ``None``; ``labels`` are class labels (the null label allowed) or ``None``; ``size`` is the
+    per-process batch size; ``extra`` carries anything a data source adds (e.g. stored noise)."""
+
+    size: int
+    x: Tensor | None = None
+    labels: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerSpec:
+    """An optimizer over some of the method's networks.
+
+    ``every``/``offset``: the optimizer steps on iterations ``i`` with ``i % every == offset``
+    (DMD2's 5:1 two-time-scale rule is ``every=5`` on the generator). ``kind`` is ``adam``,
+    ``adamw`` or ``radam``; ``grad_clip`` is a max global norm or ``None``.
+    """
+
+    networks: list[str]
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    kind: str = "adam"
+    every: int = 1
+    offset: int = 0
+    grad_clip: float | None = None
+
+    def due(self, iteration: int) -> bool:
+        return iteration % self.every == self.offset
+
+
+@dataclass
+class EMASpec:
+    """An EMA copy the method's loss reads: ``ema <- decay * ema + (1 - decay) * source``,
+    updated by the engine after each step of the optimizer that owns ``source``. ``decay`` may be a
+    function of the training iteration (e.g. an adaptive consistency schedule)."""
+
+    source: str
+    decay: float | Callable[[int], float]
+
+    def value(self, iteration: int) -> float:
+        return self.decay(iteration) if callable(self.decay) else float(self.decay)
+
+
+class Method:
+    """Base class of every distillation method.
+
+    Class attributes: ``name`` (registry key), ``family``, ``paper`` (arXiv id), ``needs_data``
+    (real data in :class:`Batch`), ``Config`` (a dataclass of options with the paper's defaults).
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[Family] = "output"
+    paper: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+    Config: ClassVar[type] = object
+    default_steps: ClassVar[tuple[int, ...]] = (1, 2, 4)
+
+    def __init__(self, teacher: Denoiser, config: Any = None) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.config = config if config is not None else self.Config()
+
+    # --- what the engine manages ---------------------------------------------------------------
+    def networks(self) -> dict[str, nn.Module]:
+        """Trainable networks by attribute name; the one users sample from is ``student``."""
+        raise NotImplementedError
+
+    def frozen(self) -> dict[str, nn.Module]:
+        """Networks that must never receive gradients (the teacher, feature extractors)."""
+        return {"teacher": self.teacher}
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        raise NotImplementedError
+
+    def emas(self) -> dict[str, EMASpec]:
+        """EMA copies that the loss reads (attribute name -> spec); none by default."""
+        return {}
+
+    # --- maths ---------------------------------------------------------------------------------
+    def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
+        """Scalar losses of the optimizers in ``due``, keyed by optimizer name."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
+        """Generate from unit Gaussian ``noise`` with ``steps`` student evaluations."""
+        raise NotImplementedError
+
+    def on_round_end(self, round_index: int) -> None:  # pragma: no cover - optional hook
+        """Hook for multi-round methods (progressive distillation)."""
+
+
+def describe(cls: type[Method]) -> dict[str, str]:
+    return {"name": cls.name, "family": cls.family, "paper": cls.paper, "title": cls.title,
+            "data": "real data" if cls.needs_data else "data-free"}
