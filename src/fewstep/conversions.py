@@ -132,9 +132,7 @@ def sigma_to_trig_x(x: Tensor, sigma: Tensor) -> Tensor:
 # --- model outputs -------------------------------------------------------------------------------
 
 
-def x0_from_output(
-    output: Tensor, x_t: Tensor, a: Tensor, s: Tensor, prediction: Prediction
-) -> Tensor:
+def x0_from_output(output: Tensor, x_t: Tensor, a: Tensor, s: Tensor, prediction: Prediction) -> Tensor:
     """Convert a network output at ``x_t = a x0 + s eps`` into ``x0_hat``.
 
     Args:
@@ -154,14 +152,10 @@ def x0_from_output(
         return output
     if prediction == "flow":
         return x_t - s * output
-    raise FewstepError(
-        f"unknown prediction type {prediction!r}; use one of {', '.join(PREDICTIONS)}"
-    )
+    raise FewstepError(f"unknown prediction type {prediction!r}; use one of {', '.join(PREDICTIONS)}")
 
 
-def output_from_x0(
-    x0: Tensor, x_t: Tensor, a: Tensor, s: Tensor, prediction: Prediction
-) -> Tensor:
+def output_from_x0(x0: Tensor, x_t: Tensor, a: Tensor, s: Tensor, prediction: Prediction) -> Tensor:
     """Inverse of :func:`x0_from_output`: the native output that corresponds to ``x0``."""
     a_, s_ = append_dims(a, x_t.ndim), append_dims(s, x_t.ndim)
     eps = (x_t - a_ * x0) / s_
@@ -173,9 +167,7 @@ def output_from_x0(
         return x0
     if prediction == "flow":
         return eps - x0
-    raise FewstepError(
-        f"unknown prediction type {prediction!r}; use one of {', '.join(PREDICTIONS)}"
-    )
+    raise FewstepError(f"unknown prediction type {prediction!r}; use one of {', '.join(PREDICTIONS)}")
 
 
 def eps_from_x0(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:

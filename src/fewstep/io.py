@@ -77,7 +77,8 @@ def refuse_pickle(path: str | Path) -> None:
     if path.suffix in PICKLE_SUFFIXES:
         raise FewstepError(
             f"{path} is a pickle-based file, which can run arbitrary code when loaded, so fewstep refuses it; "
-            "convert it once in a trusted session with `safetensors.torch.save_file(torch.load(path), 'model.safetensors')`"
+            "convert it once, in a session you trust, with "
+            "`safetensors.torch.save_file(torch.load(path), 'model.safetensors')`"
         )
 
 

@@ -25,9 +25,7 @@ def _check_steps(n: int) -> None:
 # --- sampling grids ------------------------------------------------------------------------------
 
 
-def karras_sigmas(
-    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
-) -> Tensor:
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """Karras et al. (2022) Eq. 5: ``n`` steps from ``sigma_max`` to ``sigma_min``, then 0."""
     _check_steps(n)
     if n == 1:
@@ -87,9 +85,7 @@ def sample_logit_normal_t(
     return torch.sigmoid(torch.randn(n, generator=generator) * std + mean)
 
 
-def sample_karras_index(
-    n: int, num_scales: int, generator: torch.Generator | None = None
-) -> Tensor:
+def sample_karras_index(n: int, num_scales: int, generator: torch.Generator | None = None) -> Tensor:
     """Uniform index ``i`` in ``[0, num_scales - 2]`` of an ascending Karras grid of
     ``num_scales`` points, as consistency distillation draws its adjacent pair (i, i+1)."""
     return torch.randint(0, num_scales - 1, (n,), generator=generator)

@@ -14,7 +14,9 @@ from torch import Tensor
 
 def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype=torch.float32) -> Tensor:
     """``(len(seeds), *shape)`` standard normal noise, one generator per seed."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds])
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
+    )
 
 
 def seeded_labels(seeds: Sequence[int], num_classes: int) -> Tensor | None:
@@ -23,7 +25,10 @@ def seeded_labels(seeds: Sequence[int], num_classes: int) -> Tensor | None:
     if not num_classes:
         return None
     return torch.tensor(
-        [int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(int(s) + (1 << 40)))) for s in seeds]
+        [
+            int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(int(s) + (1 << 40))))
+            for s in seeds
+        ]
     )
 
 

@@ -20,8 +20,17 @@ def run_train(args) -> int:
     net = json.loads(args.net) if args.net else {}
     if args.steps < 1:
         raise FewstepError(f"--steps must be >= 1, got {args.steps}")
-    cfg = TeacherConfig(arch=arch, net=net, batch=args.batch, lr=args.lr, max_steps=args.steps, minutes=args.minutes,
-                        label_dropout=args.label_dropout, ema_halflife_kimg=args.ema_halflife_kimg, seed=args.seed)
+    cfg = TeacherConfig(
+        arch=arch,
+        net=net,
+        batch=args.batch,
+        lr=args.lr,
+        max_steps=args.steps,
+        minutes=args.minutes,
+        label_dropout=args.label_dropout,
+        ema_halflife_kimg=args.ema_halflife_kimg,
+        seed=args.seed,
+    )
     train_teacher(data, cfg, out)
     return 0
 
@@ -36,7 +45,7 @@ def register(sub) -> None:
     t.add_argument("--resolution", type=int, default=None, help="image size for an image folder")
     t.add_argument("--channels", type=int, default=None, help="1 (grey) or 3 (RGB) for an image folder")
     t.add_argument("--arch", choices=("unet", "mlp"), default=None, help="default: unet for images, mlp for vectors")
-    t.add_argument("--net", default=None, help='architecture options as JSON, e.g. \'{"channels": 32}\'')
+    t.add_argument("--net", default=None, help="architecture options as JSON, e.g. '{\"channels\": 32}'")
     t.add_argument("--steps", type=int, default=10000)
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at whichever ends first)")
     t.add_argument("--batch", type=int, default=256)

@@ -127,5 +127,10 @@ class Method:
 
 
 def describe(cls: type[Method]) -> dict[str, str]:
-    return {"name": cls.name, "family": cls.family, "paper": cls.paper, "title": cls.title,
-            "data": "real data" if cls.needs_data else "data-free"}
+    return {
+        "name": cls.name,
+        "family": cls.family,
+        "paper": cls.paper,
+        "title": cls.title,
+        "data": "real data" if cls.needs_data else "data-free",
+    }

@@ -22,7 +22,7 @@ class MLPConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MLPConfig":
+    def from_dict(cls, d: dict) -> MLPConfig:
         return cls(**d)
 
 
@@ -34,7 +34,12 @@ class MLP(nn.Module):
         self.config = c = config
         self.embed = CondEmbedding(64, c.hidden, c.num_classes, c.extra_dims)
         self.inp = nn.Linear(c.dim, c.hidden)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(c.hidden), nn.Linear(c.hidden, c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.hidden)) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(c.hidden), nn.Linear(c.hidden, c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.hidden)
+            )
+            for _ in range(c.depth)
+        )
         self.out = nn.Linear(c.hidden, c.dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)

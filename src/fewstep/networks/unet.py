@@ -37,7 +37,7 @@ class UNetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def from_dict(cls, d: dict) -> UNetConfig:
         d = dict(d)
         for k in ("channel_mult", "attn_resolutions"):
             if k in d:
@@ -131,7 +131,9 @@ class UNet(nn.Module):
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def bottleneck(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+    def bottleneck(
+        self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None, extra: Tensor | None = None
+    ) -> Tensor:
         """Features after the middle blocks, ``(B, C, r, r)`` — for discriminator heads."""
         emb = self.embed(c_noise, labels, extra)
         h = self.conv_in(x)
@@ -140,5 +142,3 @@ class UNet(nn.Module):
         for layer in self.mid:
             h = layer(h, emb)
         return h
-
-

@@ -40,7 +40,9 @@ def load_teacher(spec: str | Path | Denoiser) -> Denoiser:
     if spec.startswith("analytic:"):
         name = spec.split(":", 1)[1]
         if name not in ANALYTIC:
-            raise FewstepError(f"unknown analytic teacher {name!r}; use one of {', '.join('analytic:' + a for a in ANALYTIC)}")
+            raise FewstepError(
+                f"unknown analytic teacher {name!r}; use one of {', '.join('analytic:' + a for a in ANALYTIC)}"
+            )
         return ANALYTIC[name]().eval()
     path = Path(spec)
     if path.is_file():

@@ -57,7 +57,7 @@ class GaussianMixture(Denoiser):
         self.num_classes = 0 if labels is None else int(labels.max()) + 1
         self.register_buffer("labels", labels.long() if labels is not None else torch.zeros(K, dtype=torch.long))
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
-        self.sigma_data = float((self.stds.pow(2).mean() + self.means.flatten(1).var(0).mean()).sqrt())
+        self.sigma_data = float((self.stds.pow(2).mean() + self.means.flatten(1).var(0, unbiased=False).mean()).sqrt())
 
     @property
     def dim(self) -> int:

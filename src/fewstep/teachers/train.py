@@ -63,7 +63,11 @@ def train_teacher(data: Dataset, cfg: TeacherConfig, out: str | Path, log=print)
     else:
         net.setdefault("dim", data.sample_shape[0])
     net["num_classes"] = data.num_classes
-    model = build_model(cfg.arch, net, {"sample_shape": list(data.sample_shape), "num_classes": data.num_classes, "sigma_data": cfg.sigma_data})
+    model = build_model(
+        cfg.arch,
+        net,
+        {"sample_shape": list(data.sample_shape), "num_classes": data.num_classes, "sigma_data": cfg.sigma_data},
+    )
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     beta = 0.5 ** (cfg.batch / max(cfg.ema_halflife_kimg * 1000, 1e-8))
@@ -82,7 +86,9 @@ def train_teacher(data: Dataset, cfg: TeacherConfig, out: str | Path, log=print)
         progress = step / cfg.max_steps
         if deadline is not None:
             progress = max(progress, (time.monotonic() - t0) / (cfg.minutes * 60))
-        lr_scale = min(1.0, (step + 1) / cfg.warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        lr_scale = min(1.0, (step + 1) / cfg.warmup_steps) * (
+            0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        )
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_scale
         loss = edm_loss(model, x0, labels, cfg, g)
@@ -90,7 +96,7 @@ def train_teacher(data: Dataset, cfg: TeacherConfig, out: str | Path, log=print)
         loss.backward()
         opt.step()
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - beta)
         step += 1
         if step % 25 == 0:
@@ -100,8 +106,14 @@ def train_teacher(data: Dataset, cfg: TeacherConfig, out: str | Path, log=print)
             bar.update(25)
     bar.close()
     minutes = (time.monotonic() - t0) / 60
-    info = {"trained_on": data.name, "steps": step, "minutes": round(minutes, 2), "config": asdict(cfg), "final_loss": loss_avg,
-            "params": sum(p.numel() for p in model.parameters())}
+    info = {
+        "trained_on": data.name,
+        "steps": step,
+        "minutes": round(minutes, 2),
+        "config": asdict(cfg),
+        "final_loss": loss_avg,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     save_model(ema, out, info)
     log(f"saved teacher to {out} after {step} steps ({minutes:.1f} min)")
     return ema.eval()
