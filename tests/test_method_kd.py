@@ -95,3 +95,6 @@ def test_kd_on_an_edm_teacher_copies_it_and_checks_the_pairs(tmp_path):
     other = build_model("mlp", {**net, "dim": 3}, {**den, "sample_shape": [3]}).eval()
     with pytest.raises(FewstepError, match="do not fit"):
         KD(other, KD.Config(pairs=str(tmp_path / "p")))
+    retrained = build_model("mlp", net, den).eval()  # same shape, other weights
+    with pytest.raises(FewstepError, match="another teacher"):
+        KD(retrained, KD.Config(pairs=str(tmp_path / "p")))

@@ -219,6 +219,21 @@ def load_pairs(folder: str | Path) -> Pairs:
     return Pairs(torch.cat([t["noise"] for t in shards]), torch.cat([t["x0"] for t in shards]), labels, meta)
 
 
+def check_pairs_fit(pairs: Pairs, teacher: Denoiser) -> None:
+    """Refuse pairs made by another teacher (shape, classes or weights differ)."""
+    m = pairs.meta
+    if tuple(m["sample_shape"]) != tuple(teacher.sample_shape) or m["num_classes"] != teacher.num_classes:
+        raise FewstepError(
+            f"pairs of shape {m['sample_shape']} with {m['num_classes']} classes do not fit a teacher of shape "
+            f"{list(teacher.sample_shape)} with {teacher.num_classes}; generate pairs with this teacher"
+        )
+    if m.get("teacher_sha256") != teacher_fingerprint(teacher):
+        raise FewstepError(
+            f"these pairs were made by another teacher ({m.get('teacher') or 'unnamed'}); "
+            "generate pairs with this teacher (`fewstep pairs --teacher ...`)"
+        )
+
+
 def default_pairs_dir(teacher: Denoiser, n: int, solver: str, steps: int, guidance: float) -> Path:
     """A cache folder for pairs a method generates itself (``$FEWSTEP_CACHE`` or ``~/.cache/fewstep``)."""
     root = Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
@@ -246,4 +261,4 @@ def ensure_pairs(
     return load_pairs(path)
 
 
-__all__ = ["Pairs", "default_pairs_dir", "ensure_pairs", "generate_pairs", "load_pairs", "teacher_fingerprint"]
+__all__ = ["Pairs", "check_pairs_fit", "default_pairs_dir", "ensure_pairs", "generate_pairs", "load_pairs", "teacher_fingerprint"]

@@ -32,7 +32,7 @@ from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.pairs import Pairs, ensure_pairs
+from fewstep.pairs import Pairs, check_pairs_fit, ensure_pairs
 from fewstep.students import OneStepGenerator, copy_teacher
 
 LOSSES = ("l2", "l1")
@@ -90,11 +90,7 @@ class KD(Method):
             if pairs is not None
             else ensure_pairs(teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
         )
-        if tuple(self.pairs.meta["sample_shape"]) != tuple(teacher.sample_shape):
-            raise FewstepError(
-                f"pairs of shape {self.pairs.meta['sample_shape']} do not fit a teacher of shape "
-                f"{list(teacher.sample_shape)}; generate pairs with this teacher"
-            )
+        check_pairs_fit(self.pairs, teacher)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student}
