@@ -261,4 +261,12 @@ def ensure_pairs(
     return load_pairs(path)
 
 
-__all__ = ["Pairs", "check_pairs_fit", "default_pairs_dir", "ensure_pairs", "generate_pairs", "load_pairs", "teacher_fingerprint"]
+__all__ = [
+    "Pairs",
+    "check_pairs_fit",
+    "default_pairs_dir",
+    "ensure_pairs",
+    "generate_pairs",
+    "load_pairs",
+    "teacher_fingerprint",
+]
