@@ -1,0 +1,197 @@
+"""Consistency distillation (Song, Dhariwal, Chen & Sutskever 2023, arXiv 2303.01469), with the
+options of Latent Consistency Models (Luo et al. 2023, arXiv 2310.04378).
+
+A student ``f_theta(x, t)`` with the boundary condition ``f(x, sigma_min) = x`` (Eq. 5, the
+``c_skip``/``c_out`` of Appendix C; :class:`fewstep.students.ConsistencyStudent`) learns to map
+every point of the teacher's probability-flow ODE trajectory to the same point. Per sample
+(Algorithm 2):
+
+    n ~ U{1, ..., N - k},  x_{t_{n+k}} = x + t_{n+k} z                      (data, Eq. 7)
+    x_hat_{t_n} = Solver_phi(x_{t_{n+k}}, t_{n+k} -> t_n)                      (one teacher step)
+    L = lambda(t_n) d( f_theta(x_{t_{n+k}}, t_{n+k}), f_{theta^-}(x_hat_{t_n}, t_n) )   (Eq. 7)
+    theta^- <- mu theta^- + (1 - mu) theta                                     (Eq. 8, by the engine)
+
+on the Karras grid ``t_i = (sigma_min^(1/rho) + (i-1)/(N-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho``,
+rho = 7. CD uses ``k = 1`` and a Heun step; ``lambda = 1`` (the reference code's ``uniform``).
+
+LCM options (``preset lcm`` registers them as defaults):
+- *skipping step* ``k`` (Sec. 4.3): the teacher jumps from ``t_{n+k}`` to ``t_n`` in one solver step;
+- *guidance-augmented* teacher step (Eq. 9): ``(1 + w') D(x, c) - w' D(x, empty)`` with ``w'``
+  drawn uniformly per sample; in fewstep's convention (:mod:`fewstep.guidance`) ``w = w' + 1``,
+  so ``guidance = (w_min, w_max)`` is a range of ``w``. The student sees ``w'`` as an extra scalar
+  input (``ConsistencyStudent(..., extra=w')``, embedded like the noise level; LCM embeds it with
+  a sinusoidal "guidance embedding" too) and samples at ``sample_guidance``;
+- the pseudo-Huber distance ``sqrt(d^2 + c^2) - c`` with ``c = 0.001`` (diffusers' LCM script).
+
+Sampling is multistep consistency sampling (Algorithm 1): ``x0 = f(sigma_max z, sigma_max)``, then
+for each further level ``tau``: ``x = x0 + sqrt(tau^2 - sigma_min^2) z'``, ``x0 = f(x, tau)``.
+
+Defaults: N = 18, Heun, mu = 0.95 (METHODS.md; the ImageNet-64 CD launch script), L2, Adam
+lr 4e-4 (CIFAR-10 CD, paper Table 3). Deviations: LPIPS (the paper's best distance) is not
+offered — it needs ImageNet-trained weights fewstep cannot download, and it leaks ImageNet
+features into FID; the LCM boundary scalings use sigma-space CM scalings rather than the
+DDPM-timestep ``timestep_scaling = 10`` form; with Heun, the guided step is Heun on the guided
+denoiser (for Euler/DDIM, LCM's default, this equals Eq. 9 exactly); the target network runs
+without dropout instead of sharing the student's dropout mask.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError
+from fewstep.guidance import cfg
+from fewstep.methods import Batch, EMASpec, Method, OptimizerSpec, register
+from fewstep.methods._trajectory import (
+    DISTANCES,
+    STEPPERS,
+    ascending_grid,
+    check_option,
+    distance,
+    expand_like,
+    ode_step,
+    sampling_sigmas,
+)
+from fewstep.students import ConsistencyStudent, copy_teacher
+
+
+@dataclass
+class CDConfig:
+    """Options of consistency distillation; the LCM options are off by default."""
+
+    num_scales: int = 18  # N: Karras grid points (CIFAR-10; ImageNet-64 uses 40)
+    rho: float = 7.0
+    solver: str = "heun"  # teacher step: heun | euler (= ddim)
+    skip: int = 1  # LCM's skipping step k: one solver step spans k grid intervals
+    target_decay: float = 0.95  # mu of the EMA target network (Eq. 8)
+    distance: str = "l2"  # l2 | l1 | huber
+    huber_c: float = 0.001  # c of the pseudo-Huber distance (LCM)
+    guidance: tuple[float, float] | None = None  # LCM: range of w (fewstep convention, w = w' + 1)
+    sample_guidance: float = 1.0  # w the student is asked for when sampling (with guidance on)
+    sample_sigmas: tuple[float, ...] = ()  # intermediate levels of multistep sampling (default: Karras)
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+
+
+@register
+class ConsistencyDistillation(Method):
+    name = "cd"
+    family = "trajectory"
+    paper = "2303.01469"
+    title = "Consistency distillation (with LCM's skipping step, guidance and Huber options)"
+    needs_data = True
+    Config = CDConfig
+    default_steps = (1, 2, 4)
+
+    def __init__(self, teacher: Denoiser, config: CDConfig | None = None, student: nn.Module | None = None) -> None:
+        super().__init__(teacher, config)
+        c = self.config
+        check_option("teacher solver", c.solver, STEPPERS)
+        check_option("distance", c.distance, DISTANCES)
+        if not 1 <= c.skip < c.num_scales:
+            raise FewstepError(f"skip must lie in [1, num_scales - 1] = [1, {c.num_scales - 1}], got {c.skip}")
+        if c.guidance is not None:
+            if not getattr(teacher, "num_classes", 0):
+                raise FewstepError("guidance (LCM) needs a class-conditional teacher; drop --guidance for this one")
+            if not 0 <= c.guidance[0] <= c.guidance[1]:
+                raise FewstepError(f"guidance range must be (w_min, w_max) with 0 <= w_min <= w_max, got {c.guidance}")
+        extra_dims = 1 if c.guidance is not None else 0
+        self.student = student if student is not None else ConsistencyStudent(copy_teacher(teacher, extra_dims))
+        self.target = copy.deepcopy(self.student).requires_grad_(False)  # theta^-
+        self.grid = ascending_grid(c.num_scales, teacher.sigma_min, teacher.sigma_max, c.rho)  # t_1 < ... < t_N
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        c = self.config
+        return {
+            "student": OptimizerSpec(["student"], c.lr, c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+        }
+
+    def emas(self) -> dict[str, EMASpec]:
+        return {"target": EMASpec("student", self.config.target_decay)}
+
+    # --- maths ---------------------------------------------------------------------------------
+    def teacher_step(self, x: Tensor, t: Tensor, t_next: Tensor, cond: Any = None, w: Tensor | None = None) -> Tensor:
+        """One teacher ODE step ``t -> t_next`` (per sample), guided with scale ``w`` when given."""
+        den = self.teacher if w is None else cfg(self.teacher, w)
+        return ode_step(den, x, t, t_next, cond, self.config.solver)
+
+    def draw_pair(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(t_{n+k}, t_n)`` per sample, ``n`` uniform over the ``N - k`` possible pairs."""
+        k = self.config.skip
+        n = torch.randint(0, len(self.grid) - k, (x.shape[0],))
+        grid = self.grid.to(device=x.device, dtype=x.dtype)
+        return grid[n.to(x.device) + k], grid[n.to(x.device)]
+
+    def draw_guidance(self, x: Tensor) -> Tensor | None:
+        if self.config.guidance is None:
+            return None
+        lo, hi = self.config.guidance
+        return lo + (hi - lo) * torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
+
+    def consistency_loss(
+        self, x0: Tensor, cond: Any, t_hi: Tensor, t_lo: Tensor, noise: Tensor, w: Tensor | None = None
+    ) -> Tensor:
+        """Per-sample ``d(f_theta(x_{t_hi}, t_hi), f_{theta^-}(Solver(x_{t_hi}, t_hi -> t_lo), t_lo))``."""
+        x_hi = x0 + t_hi.reshape(-1, *[1] * (x0.ndim - 1)) * noise
+        extra = None if w is None else (w - 1)[:, None]  # the student is told w' = w - 1
+        with torch.no_grad():
+            x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, w)
+            target = self.target(x_lo, t_lo, cond, extra)
+        online = self.student(x_hi, t_hi, cond, extra)
+        return distance(online, target, self.config.distance, self.config.huber_c)
+
+    def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
+        if batch.x is None:
+            raise FewstepError("consistency distillation needs real data; pass a dataset (e.g. --data digits)")
+        x0 = batch.x
+        t_hi, t_lo = self.draw_pair(x0)
+        loss = self.consistency_loss(x0, batch.labels, t_hi, t_lo, torch.randn_like(x0), self.draw_guidance(x0))
+        return {"student": loss.mean()}
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, steps: int = 1, cond: Any = None, guidance: float | None = None) -> Tensor:
+        """Multistep consistency sampling (Algorithm 1) with ``steps`` student evaluations."""
+        c, f, smin = self.config, self.student, self.teacher.sigma_min
+        sigmas = sampling_sigmas(steps, smin, self.teacher.sigma_max, c.sample_sigmas)
+        w = c.sample_guidance if guidance is None else guidance
+        extra = None if c.guidance is None else (expand_like(w, noise) - 1)[:, None]
+        x0 = f(noise * sigmas[0], expand_like(sigmas[0], noise), cond, extra)
+        for tau in sigmas[1:]:
+            x = x0 + (tau**2 - smin**2) ** 0.5 * torch.randn_like(x0)
+            x0 = f(x, expand_like(tau, x), cond, extra)
+        return x0
+
+
+@dataclass
+class LCMConfig(CDConfig):
+    """LCM defaults (diffusers ``train_lcm_distill_sd_wds.py``): a DDIM teacher step skipping
+    k = 20 of 1000 grid points (i.e. adjacent points of its 50-step DDIM grid), ``w'`` in [5, 15]
+    (``w`` in [6, 16]), pseudo-Huber c = 0.001, mu = 0.95, lr 1e-6 (full model); the pipeline
+    samples at guidance 8.5."""
+
+    num_scales: int = 1000
+    solver: str = "ddim"
+    skip: int = 20
+    distance: str = "huber"
+    guidance: tuple[float, float] | None = (6.0, 16.0)
+    sample_guidance: float = 8.5
+    lr: float = 1e-6
+
+
+@register
+class LatentConsistencyDistillation(ConsistencyDistillation):
+    name = "lcm"
+    paper = "2310.04378"
+    title = "LCM: consistency distillation with skipping steps and guidance as an input"
+    Config = LCMConfig
