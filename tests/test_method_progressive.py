@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.methods import get_method
+from fewstep.methods.progressive import (
+    ProgressiveConfig,
+    ProgressiveDistillation,
+    RoundSchedule,
+    ddim_step,
+    subgrid,
+    two_step_target,
+    x0_target,
+)
+from fewstep.solvers import euler
+from pd_support import batch, same, tiny_teacher, train
+
+
+def _analytic(mixture):
+    return lambda x, s: mixture(x, s)
+
+
+@pytest.mark.parametrize("sigmas", [(3.0, 1.2, 0.4), (0.5, 0.1, 0.0)])
+def test_target_reproduces_two_teacher_ddim_steps(mixture64, sigmas):
+    """One student DDIM step with x~ lands on two teacher DDIM steps (float64, exact denoiser)."""
+    s, s_mid, s_next = sigmas
+    x = torch.randn(32, 2, dtype=torch.float64) * 2
+    two_steps = euler(mixture64, x, torch.tensor([s, s_mid, s_next], dtype=torch.float64))
+    full = lambda v: torch.full((32,), v, dtype=torch.float64)
+    target = two_step_target(_analytic(mixture64), x, full(s), full(s_mid), full(s_next))
+    assert torch.allclose(ddim_step(x, target, full(s), full(s_next)), two_steps, atol=1e-12, rtol=0)
+    # the target differs from the teacher's own x0 prediction (otherwise distillation is trivial)
+    assert (target - mixture64(x, full(s))).abs().max() > 1e-3
+
+
+def test_x0_target_inverts_ddim_per_sample():
+    x, x0 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    s, s_next = torch.rand(5, dtype=torch.float64) + 1, torch.rand(5, dtype=torch.float64)
+    assert torch.allclose(x0_target(x, ddim_step(x, x0, s, s_next), s, s_next), x0, atol=1e-12)
+
+
+def _method(**kw):
+    cfg = ProgressiveConfig(**{"start_steps": 8, "steps_per_round": 3, **kw})
+    return ProgressiveDistillation(tiny_teacher(), cfg)
+
+
+def test_two_step_student_has_zero_loss(mixture64):
+    """pd_loss of a student equal to the two-step map of its teacher is zero (and > 0 otherwise)."""
+    m = _method()
+    teacher = _analytic(mixture64)
+    for n in (4, 2, 1):
+        g_s, g_t = subgrid(m.fine, n), subgrid(m.fine, 2 * n)
+
+        def two_step_map(x, s, g_s=g_s, g_t=g_t):
+            i = (s[:, None] == g_s[None, :-1]).double().argmax(1)
+            assert torch.equal(g_s[i], s)
+            return two_step_target(teacher, x, s, g_t[2 * i + 1], g_s[i + 1])
+
+        x0 = mixture64.sample(64)
+        assert m.pd_loss(two_step_map, teacher, x0, n) < 1e-18
+        assert m.pd_loss(teacher, teacher, x0, n) > 1e-4
+
+
+def test_frozen_networks_get_no_gradient():
+    m = _method(start_steps=4)
+    loss = m.losses(batch(), 0, {"student"})["student"]
+    loss.backward()
+    assert all(p.grad is not None for p in m.student.parameters() if p.requires_grad)
+    assert any(p.grad.abs().sum() > 0 for p in m.student.parameters())
+    for net in [m.teacher, m.student_2, m.student_1]:
+        assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+    assert m.losses(batch(), 0, set()) == {}
+
+
+def test_rounds_switch_and_halve_steps():
+    m = _method()  # 8 -> 4 -> 2 -> 1, three iterations per round
+    assert m.counts == [8, 4, 2, 1]
+    s = m.schedule
+    assert [s.round_of(i) for i in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    assert [s.student_steps(s.round_of(i)) for i in (0, 3, 6, 20)] == [4, 2, 1, 1]
+    assert m.round_teacher(0) is m.teacher and m.round_teacher(1) is m.student_4
+    assert m.round_teacher(2) is m.student_2
+
+    train(m, lambda i: batch(seed=i), range(0, 3))  # round 0
+    assert same(m.student_4, m.student) and not same(m.student_2, m.student)
+    frozen4 = [p.clone() for p in m.student_4.parameters()]
+    train(m, lambda i: batch(seed=i), range(3, 6))  # round 1: teacher := round-0 student, kept
+    assert all(torch.equal(a, b) for a, b in zip(frozen4, m.student_4.parameters(), strict=True))
+    assert same(m.student_2, m.student) and not same(m.student_4, m.student)
+    train(m, lambda i: batch(seed=i), range(6, 9))
+    assert same(m.student_1, m.student) and not same(m.student_2, m.student)
+
+
+def test_sampler_uses_the_student_of_its_step_count():
+    m = _method()
+    calls = {}
+    for k in (4, 2, 1):
+        net = getattr(m, f"student_{k}")
+        net.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+    noise, labels = torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for k in (4, 2, 1):
+        out = m.sample(noise, k, labels)
+        assert out.shape == noise.shape and torch.isfinite(out).all()
+    assert calls == {4: 4, 2: 2, 1: 1}
+    assert torch.equal(m.model_for(8)[1], m.fine) and m.model_for(8)[0] is m.teacher
+    # a 1-step sample is one DDIM step from sigma_max to 0: the network's x0 prediction
+    sig = torch.full((6,), m.fine[0].item(), dtype=torch.float64)
+    assert torch.allclose(m.sample(noise, 1, labels), m.student_1(noise * m.fine[0], sig, labels))
+
+
+def test_short_run_lowers_the_loss():
+    torch.manual_seed(0)
+    m = _method(start_steps=4, steps_per_round=10_000, lr=3e-3)
+    data = batch(n=64, seed=5)
+
+    def held_out():
+        torch.manual_seed(123)
+        return float(m.losses(data, 0, {"student"})["student"].detach())
+
+    before = held_out()
+    train(m, lambda i: batch(n=64, seed=100 + i), range(0, 80))
+    assert held_out() < 0.5 * before
+
+
+def test_registered_and_bad_config():
+    assert get_method("progressive") is ProgressiveDistillation
+    with pytest.raises(FewstepError):
+        _method(start_steps=6)
+    with pytest.raises(FewstepError):
+        _method(start_steps=1)
+    with pytest.raises(FewstepError, match="real data"):
+        _method().losses(batch().__class__(size=4), 0, {"student"})
+    assert RoundSchedule((4, 2, 1), 5, offset=3).round_of(2) == -1
