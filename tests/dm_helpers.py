@@ -83,9 +83,9 @@ def run(method, iterations, batch_size, lr=None, data=None):
         x, labels = (None, None) if data is None else data(batch_size)
         losses = method.losses(Batch(size=batch_size, x=x, labels=labels), i, due)
         assert set(losses) == due
-        for name, loss in losses.items():
+        for name in losses:
             opts[name].zero_grad(set_to_none=True)
-        for name, loss in losses.items():
+        for loss in losses.values():
             loss.backward()
         for name in losses:
             opts[name].step()

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from dm_helpers import GaussianGenerator, gaussian_teacher, grads_of, run, set_fake_to, tiny_teacher
 
+from dm_helpers import GaussianGenerator, gaussian_teacher, grads_of, run, set_fake_to, tiny_teacher
 from fewstep.errors import FewstepError
 from fewstep.methods import Batch, get_method
 from fewstep.schedules import sample_lognormal
