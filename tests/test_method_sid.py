@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from dm_helpers import GaussianGenerator, gaussian_teacher, grads_of, run, set_fake_to, tiny_teacher
 
+from dm_helpers import GaussianGenerator, gaussian_teacher, grads_of, run, set_fake_to, tiny_teacher
 from fewstep.errors import FewstepError
 from fewstep.methods import Batch, get_method
 from fewstep.methods.sid import sid_generator_loss, sid_sigma
