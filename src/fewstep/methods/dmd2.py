@@ -1,0 +1,246 @@
+"""DMD2, improved distribution matching distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867).
+
+DMD (arXiv 2311.18828, Eq. 7) moves generator samples x = G(z) along the difference of two
+x0-predictions at a noised copy x_t = x + sigma eps: the frozen teacher's ("real score") and a fake
+score psi fitted to the generator by DSM. DMD2 keeps that gradient, normalised per sample as DMD's
+Eq. 8,
+
+    grad = (D_psi(x_t) - D_real(x_t)) / mean|x - D_real(x_t)|,   L_DM = 0.5 ||x - sg(x - grad)||^2,
+
+and changes the recipe (Sec. 4):
+- 4.1 no regression loss on stored teacher pairs;
+- 4.2 two time-scale updates: psi is updated ``fake_updates`` (5) times per generator update;
+- 4.3 a GAN: a small classifier head on psi's UNet bottleneck tells noised real images from noised
+  generator samples (non-saturating loss); the generator adds ``gen_gan_weight`` x its GAN loss,
+  psi and the head add ``cls_weight`` x the classifier loss to DSM (``gan_features="teacher"``
+  reads the frozen teacher's bottleneck instead, training only the head);
+- 4.4 multi-step students: G denoises at a fixed grid of levels (the paper's timesteps
+  999/749/499/249, here those indices of the 1000-point Karras grid) and re-noises in between;
+  *backward simulation* trains step j on inputs produced by the student's own steps 0..j-1.
+
+Defaults from the official EDM code (tianweiy/DMD2 ``main/edm/edm_guidance.py``, ``train_edm.py``,
+``experiments/imagenet/*genloss3e-3_diffusion1000_lr2e-6*.sh``): AdamW lr 2e-6, betas (0.9, 0.999),
+weight decay 0.01, grad-norm clip 10 for both networks; ratio 5; generator input ``80 z`` at
+sigma 80; DM level uniform over Karras-grid indices [20, 980]; DSM level uniform over all 1000, EDM
+weight ``1/sigma^2 + 1/sd^2``; GAN on (diffusion-GAN) noise levels over all 1000 indices,
+generator GAN weight 3e-3, classifier weight 1e-2; real score without guidance (``guidance`` sets
+a CFG scale, as the text-to-image models use).
+
+Deviations: no 500-step learning-rate warm-up; the classifier head is resized to fewstep's UNet
+bottleneck (conv 4x4/2, conv to 1x1, linear to a logit, as the reference's 768-channel head);
+multi-step sampling re-noises with the global RNG; psi's DSM and the GAN use fresh generator
+samples rather than the generator step's (the same distribution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims, as_sigma, edm_scalings
+from fewstep.errors import FewstepError
+from fewstep.guidance import cfg
+from fewstep.methods import register
+from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
+from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.students import copy_teacher
+
+
+@dataclass
+class DMD2Config:
+    lr: float = 2e-6  # --generator_lr
+    fake_lr: float = 2e-6  # --guidance_lr (psi and the classifier head)
+    betas: tuple[float, float] = (0.9, 0.999)  # train_edm.py: AdamW defaults
+    weight_decay: float = 0.01
+    grad_clip: float | None = 10.0  # --max_grad_norm
+    fake_updates: int = 5  # --dfake_gen_update_ratio
+    dm_lo: float = 0.02  # --min_step_percent / --max_step_percent of the Karras grid
+    dm_hi: float = 0.98
+    guidance: float = 1.0  # CFG scale of the real score (1 = the plain conditional teacher)
+    gan: bool = True  # --gan_classifier
+    gan_features: str = "fake"  # "fake" (psi's bottleneck, the paper) or "teacher" (frozen)
+    gen_gan_weight: float = 3e-3  # --gen_cls_loss_weight
+    cls_weight: float = 1e-2  # --cls_loss_weight
+    gan_hi: float = 1.0  # --diffusion_gan_max_timestep 1000: classifier noise over the whole grid
+    student_steps: int = 1  # 4 for the multi-step student (Sec. 4.4), trained by backward simulation
+
+
+def bottleneck(den: Denoiser, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+    """Features after a fewstep UNet's middle blocks for input ``x`` at level ``sigma``."""
+    net = getattr(den, "net", None)
+    if not isinstance(den, EDMDenoiser) or not hasattr(net, "bottleneck"):
+        raise FewstepError("the DMD2 GAN needs a UNet-based EDM model (bottleneck features); pass gan=False")
+    _, _, c_in, c_noise = edm_scalings(as_sigma(sigma, x), den.sigma_data)
+    return net.bottleneck(append_dims(c_in, x.ndim) * x, c_noise, cond)
+
+
+class ClassifierHead(nn.Module):
+    """DMD2's ``cls_pred_branch``: conv 4x4 stride 2, then a conv to 1x1, then a 1x1 conv to a logit,
+    with group norm and SiLU between (sized from the bottleneck's channels ``c`` and side ``r``)."""
+
+    def __init__(self, c: int, r: int) -> None:
+        super().__init__()
+        groups = next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0)
+        r2 = max(r // 2, 1)
+        self.layers = nn.Sequential(
+            nn.Conv2d(c, c, 4, stride=2, padding=1) if r >= 2 else nn.Conv2d(c, c, 1),
+            nn.GroupNorm(groups, c),
+            nn.SiLU(),
+            nn.Conv2d(c, c, r2),  # r2 x r2 -> 1 x 1
+            nn.GroupNorm(groups, c),
+            nn.SiLU(),
+            nn.Conv2d(c, 1, 1),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.layers(h).flatten(1)[:, 0]
+
+
+@contextmanager
+def _no_param_grad(*modules: nn.Module) -> Iterator[None]:
+    """Use modules as fixed functions: gradients reach inputs, never parameters (the reference
+    calls ``guidance_model.requires_grad_(False)`` around the generator's losses)."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@register
+class DMD2(Method):
+    name = "dmd2"
+    family = "output"
+    paper = "2405.14867"
+    title = "Improved distribution matching distillation for fast image synthesis"
+    needs_data = True  # real images for the GAN; a gan=False run is data-free
+    Config = DMD2Config
+    default_steps = (1,)
+
+    def __init__(self, teacher: Denoiser, config: DMD2Config | None = None, student: nn.Module | None = None):
+        super().__init__(teacher, config)
+        c = self.config
+        if c.fake_updates < 1 or c.student_steps < 1:
+            raise FewstepError(
+                f"need fake_updates >= 1 and student_steps >= 1, got {c.fake_updates}, {c.student_steps}"
+            )
+        if c.gan_features not in ("fake", "teacher"):
+            raise FewstepError(f"gan_features must be 'fake' or 'teacher', got {c.gan_features!r}")
+        self.needs_data = c.gan
+        self.student = student if student is not None else copy_teacher(teacher)  # G(x, sigma), a teacher copy
+        self.fake_score = make_fake_score(teacher)
+        self.real_score = cfg(self.teacher, c.guidance)  # the teacher itself when guidance == 1
+        grid = KarrasSigmaSampler.of(teacher)
+        self.fake_sigma, self.gan_sigma = grid, KarrasSigmaSampler.of(teacher, 0.0, c.gan_hi)
+        self.dm_sigma = KarrasSigmaSampler.of(teacher, c.dm_lo, c.dm_hi)
+        K = c.student_steps  # Sec. 4.4: grid indices 999, 999 - 1000/K, ... (999/749/499/249 for K = 4)
+        self.student_sigmas = torch.stack([grid.sigmas[999 - j * 1000 // K] for j in range(K)])
+        self.default_steps = tuple(k for k in (1, 2, 4, 8) if K % k == 0)
+        if c.gan:
+            with torch.no_grad():
+                x = torch.zeros((1, *teacher.sample_shape))
+                h = bottleneck(self._feature_net(), x, torch.ones(1), None)
+            self.classifier = ClassifierHead(h.shape[1], h.shape[-1])
+
+    def _feature_net(self) -> Denoiser:
+        return self.fake_score if self.config.gan_features == "fake" else self.teacher
+
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {"student": self.student, "fake_score": self.fake_score}
+        return {**nets, "classifier": self.classifier} if self.config.gan else nets
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        c, k = self.config, self.config.fake_updates
+        guide = ["fake_score", "classifier"] if c.gan else ["fake_score"]
+        opt = dict(betas=c.betas, weight_decay=c.weight_decay, kind="adamw", grad_clip=c.grad_clip)
+        # train_edm.py: the generator steps on iterations i % ratio == 0, psi on every iteration
+        return {
+            "student": OptimizerSpec(["student"], lr=c.lr, every=k, **opt),
+            "fake_score": OptimizerSpec(guide, lr=c.fake_lr, **opt),
+        }
+
+    # --- maths ---------------------------------------------------------------------------------
+    def _noise_and_labels(self, n: int) -> tuple[Tensor, Tensor | None]:
+        device = next(self.student.parameters()).device
+        z = torch.randn((n, *self.teacher.sample_shape), device=device)
+        k = self.teacher.num_classes  # train_edm.py: generator labels drawn uniformly
+        return z, (torch.randint(0, k, (n,), device=device) if k else None)
+
+    def _denoise(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        return self.student(x, sigma.to(x).expand(x.shape[0]), cond)
+
+    def generate(self, z: Tensor, cond: Any) -> Tensor:
+        """A training sample of G, with gradient through its last step only. One-step: G(80 z, 80).
+        Multi-step with backward simulation (Sec. 4.4): pick a step j, run steps 0..j-1 without
+        gradient from pure noise, re-noising each x0 prediction to the next level."""
+        sig = self.student_sigmas.to(z)
+        j = int(torch.randint(0, len(sig), ())) if len(sig) > 1 else 0
+        x = sig[0] * z
+        with torch.no_grad():
+            for i in range(j):
+                x = self._denoise(x, sig[i], cond) + sig[i + 1] * torch.randn_like(z)
+        return self._denoise(x, sig[j], cond)
+
+    def dm_loss(self, x: Tensor, cond: Any) -> Tensor:
+        """DMD's distribution-matching loss (Eq. 7-8 of arXiv 2311.18828, edm_guidance.py)."""
+        sigma = self.dm_sigma(x.shape[0], x.device).to(x)
+        with torch.no_grad():
+            x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+            pred_real = self.real_score(x_t, sigma, cond)
+            pred_fake = self.fake_score(x_t, sigma, cond)
+            weight = (x - pred_real).abs().flatten(1).mean(1)
+            grad = torch.nan_to_num((pred_fake - pred_real) / append_dims(weight, x.ndim))
+        return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+    def logits(self, x: Tensor, cond: Any) -> Tensor:
+        """Classifier logits ("real") at a diffusion-GAN noise level (edm_guidance.py)."""
+        sigma = self.gan_sigma(x.shape[0], x.device).to(x)
+        x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+        return self.classifier(bottleneck(self._feature_net(), x_t, sigma, cond))
+
+    def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
+        c, out = self.config, {}
+        if "student" in due:
+            z, cond = self._noise_and_labels(batch.size)
+            x = self.generate(z, cond)
+            loss = self.dm_loss(x, cond)
+            if c.gan:  # non-saturating generator loss, psi and the head as fixed functions
+                with _no_param_grad(self.fake_score, self.classifier):
+                    loss = loss + c.gen_gan_weight * F.softplus(-self.logits(x, cond)).mean()
+            out["student"] = loss
+        if "fake_score" in due:
+            z, cond = self._noise_and_labels(batch.size)
+            with torch.no_grad():
+                x = self.generate(z, cond)
+            loss = dsm_loss(self.fake_score, x, cond, self.fake_sigma(x.shape[0], x.device).to(x))
+            if c.gan:
+                if batch.x is None:
+                    raise FewstepError(
+                        "dmd2 with gan=True needs real images in the batch; give --data or set gan=False"
+                    )
+                real, real_cond = batch.x.to(x), batch.labels.to(x.device) if batch.labels is not None else None
+                cls = F.softplus(self.logits(x, cond)) + F.softplus(-self.logits(real, real_cond))
+                loss = loss + c.cls_weight * cls.mean()
+            out["fake_score"] = loss
+        return out
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
+        K = len(self.student_sigmas)
+        if steps < 1 or K % steps:
+            raise FewstepError(f"this dmd2 student has {K} step(s); sample with steps dividing {K} (got {steps})")
+        sig = self.student_sigmas[:: K // steps].to(noise)
+        x = sig[0] * noise
+        for i in range(steps):
+            x0 = self._denoise(x, sig[i], cond)
+            x = x0 + sig[i + 1] * torch.randn_like(noise) if i + 1 < steps else x0
+        return x
