@@ -253,22 +253,28 @@ class ProgressiveDistillation(Method):
         }
 
     def model_for(self, steps: int) -> tuple[nn.Module, Tensor]:
-        """The kept student serving ``steps`` (see :func:`pick_steps`; the teacher from
-        ``start_steps`` up) and its sampling grid."""
-        n, m = len(self.fine) - 1, self.teacher
-        if n % steps == 0:
-            grid = subgrid(self.fine, steps)
-        else:
-            grid = karras_sigmas(steps, m.sigma_min, m.sigma_max, self.config.rho)
-        if steps >= n:
-            return m, grid
-        return getattr(self, f"student_{pick_steps(self._trained_counts(), steps)}"), grid
+        """The kept student serving ``steps`` and its sampling grid (see :func:`kept_student`)."""
+        return kept_student(self, self.fine, self._trained_counts(), steps, self.config.rho)
 
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
         """DDIM with the student trained for ``steps`` steps on its own grid."""
         net, grid = self.model_for(steps)
         return ddim_sample(lambda x, s: net(x, s, cond), noise, grid)
+
+
+def kept_student(method: Method, fine: Tensor, trained: list[int], steps: int, rho: float) -> tuple[nn.Module, Tensor]:
+    """``method.student_<k>`` for the ``k`` of :func:`pick_steps` (the teacher when ``steps`` reaches
+    the fine grid's count), and the ``steps``-step grid: a subgrid of ``fine`` when ``steps``
+    divides its count, else a Karras grid."""
+    n, teacher = len(fine) - 1, method.teacher
+    if n % steps == 0:
+        grid = subgrid(fine, steps)
+    else:
+        grid = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, rho)
+    if steps >= n:
+        return teacher, grid
+    return getattr(method, f"student_{pick_steps(trained, steps)}"), grid
 
 
 @torch.no_grad()
