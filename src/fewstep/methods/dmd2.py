@@ -26,16 +26,15 @@ weight ``1/sigma^2 + 1/sd^2``; GAN on (diffusion-GAN) noise levels over all 1000
 generator GAN weight 3e-3, classifier weight 1e-2; real score without guidance (``guidance`` sets
 a CFG scale, as the text-to-image models use).
 
-Deviations: no 500-step learning-rate warm-up; the classifier head is resized to fewstep's UNet
-bottleneck (conv 4x4/2, conv to 1x1, linear to a logit, as the reference's 768-channel head);
+Deviations: no 500-step learning-rate warm-up; the classifier head (the reference's
+``cls_pred_branch``: conv 4x4/2, conv to 1x1, 1x1 conv to a logit) is sized to fewstep's UNet
+bottleneck, read through :class:`~fewstep.networks.discriminator.TeacherFeatures`;
 multi-step sampling re-noises with the global RNG; psi's DSM and the GAN use fresh generator
 samples rather than the generator step's (the same distribution).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +42,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims, as_sigma, edm_scalings
+from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.networks.discriminator import TeacherFeatures, d_loss, g_loss, no_param_grad
 from fewstep.students import copy_teacher
 
 
@@ -71,15 +71,6 @@ class DMD2Config:
     student_steps: int = 1  # 4 for the multi-step student (Sec. 4.4), trained by backward simulation
 
 
-def bottleneck(den: Denoiser, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
-    """Features after a fewstep UNet's middle blocks for input ``x`` at level ``sigma``."""
-    net = getattr(den, "net", None)
-    if not isinstance(den, EDMDenoiser) or not hasattr(net, "bottleneck"):
-        raise FewstepError("the DMD2 GAN needs a UNet-based EDM model (bottleneck features); pass gan=False")
-    _, _, c_in, c_noise = edm_scalings(as_sigma(sigma, x), den.sigma_data)
-    return net.bottleneck(append_dims(c_in, x.ndim) * x, c_noise, cond)
-
-
 class ClassifierHead(nn.Module):
     """DMD2's ``cls_pred_branch``: conv 4x4 stride 2, then a conv to 1x1, then a 1x1 conv to a logit,
     with group norm and SiLU between (sized from the bottleneck's channels ``c`` and side ``r``)."""
@@ -100,20 +91,6 @@ class ClassifierHead(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.layers(h).flatten(1)[:, 0]
-
-
-@contextmanager
-def _no_param_grad(*modules: nn.Module) -> Iterator[None]:
-    """Use modules as fixed functions: gradients reach inputs, never parameters (the reference
-    calls ``guidance_model.requires_grad_(False)`` around the generator's losses)."""
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @register
@@ -145,14 +122,14 @@ class DMD2(Method):
         K = c.student_steps  # Sec. 4.4: grid indices 999, 999 - 1000/K, ... (999/749/499/249 for K = 4)
         self.student_sigmas = torch.stack([grid.sigmas[999 - j * 1000 // K] for j in range(K)])
         self.default_steps = tuple(k for k in (1, 2, 4, 8) if K % k == 0)
-        if c.gan:
+        if c.gan:  # bottleneck features of psi (trained with it) or of the frozen teacher
+            source = self.fake_score if c.gan_features == "fake" else self.teacher
+            self.features = TeacherFeatures(source, levels="bottleneck")  # not a network: shares weights
             with torch.no_grad():
-                x = torch.zeros((1, *teacher.sample_shape))
-                h = bottleneck(self._feature_net(), x, torch.ones(1), None)
+                (h,) = self.features(torch.zeros((1, *teacher.sample_shape)), torch.ones(1))
+            if h.ndim != 4:
+                raise FewstepError("the DMD2 GAN needs a UNet model (spatial bottleneck features); pass gan=False")
             self.classifier = ClassifierHead(h.shape[1], h.shape[-1])
-
-    def _feature_net(self) -> Denoiser:
-        return self.fake_score if self.config.gan_features == "fake" else self.teacher
 
     def networks(self) -> dict[str, nn.Module]:
         nets = {"student": self.student, "fake_score": self.fake_score}
@@ -205,7 +182,8 @@ class DMD2(Method):
         """Classifier logits ("real") at a diffusion-GAN noise level (edm_guidance.py)."""
         sigma = self.gan_sigma(x.shape[0], x.device).to(x)
         x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-        return self.classifier(bottleneck(self._feature_net(), x_t, sigma, cond))
+        (h,) = self.features(x_t, sigma, cond)
+        return self.classifier(h)
 
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         c, out = self.config, {}
@@ -214,8 +192,8 @@ class DMD2(Method):
             x = self.generate(z, cond)
             loss = self.dm_loss(x, cond)
             if c.gan:  # non-saturating generator loss, psi and the head as fixed functions
-                with _no_param_grad(self.fake_score, self.classifier):
-                    loss = loss + c.gen_gan_weight * F.softplus(-self.logits(x, cond)).mean()
+                with no_param_grad(self.fake_score, self.classifier):
+                    loss = loss + c.gen_gan_weight * g_loss(self.logits(x, cond), "nonsaturating")
             out["student"] = loss
         if "fake_score" in due:
             z, cond = self._noise_and_labels(batch.size)
@@ -228,8 +206,8 @@ class DMD2(Method):
                         "dmd2 with gan=True needs real images in the batch; give --data or set gan=False"
                     )
                 real, real_cond = batch.x.to(x), batch.labels.to(x.device) if batch.labels is not None else None
-                cls = F.softplus(self.logits(x, cond)) + F.softplus(-self.logits(real, real_cond))
-                loss = loss + c.cls_weight * cls.mean()
+                cls = d_loss(self.logits(real, real_cond), self.logits(x, cond), "nonsaturating")
+                loss = loss + c.cls_weight * cls
             out["fake_score"] = loss
         return out
 

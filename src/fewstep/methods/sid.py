@@ -28,8 +28,6 @@ over pixels for psi (the reference sums) — only the scale seen by Adam changes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +40,7 @@ from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods._fake_score import dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.networks.discriminator import no_param_grad
 from fewstep.schedules import sample_lognormal
 from fewstep.students import OneStepGenerator, copy_teacher
 
@@ -78,20 +77,6 @@ def sid_generator_loss(x_g: Tensor, f_real: Tensor, f_fake: Tensor, alpha: float
     diff = f_real - f_fake
     per_sample = (diff * ((f_real - x_g) - alpha * diff)).flatten(1).sum(1)
     return (per_sample / w).mean()
-
-
-@contextmanager
-def _no_param_grad(module: nn.Module) -> Iterator[None]:
-    """Evaluate ``module`` as a fixed function: gradients reach its input, never its parameters
-    (the reference sets ``fake_score.requires_grad_(False)`` for the generator step)."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @register
@@ -136,7 +121,7 @@ class SiD(Method):
         c, t = self.config, self.teacher
         sigma = sid_sigma(x_g.shape[0], c.tmax, t.sigma_min, t.sigma_max, c.rho).to(x_g)
         x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
-        with _no_param_grad(self.fake_score):
+        with no_param_grad(self.fake_score):  # the reference freezes psi for the G step
             f_fake = self.fake_score(x_t, sigma, cond)
         f_real = self.real_score(x_t, sigma, cond)
         return sid_generator_loss(x_g, f_real, f_fake, c.alpha)
