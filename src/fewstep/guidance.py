@@ -44,7 +44,13 @@ class CFGDenoiser(Denoiser):
 
 
 def cfg(denoiser: Denoiser, scale: float | Tensor) -> Denoiser:
-    """Wrap ``denoiser`` with classifier-free guidance of strength ``scale`` (1 = conditional)."""
+    """Wrap ``denoiser`` with classifier-free guidance of strength ``scale`` (1 = conditional).
+
+    A denoiser with its own ``guided(scale)`` (a text-conditioned diffusers teacher, guided with
+    its unconditional embedding) provides the wrapper itself.
+    """
     if isinstance(scale, (int, float)) and scale == 1.0:
         return denoiser
+    if hasattr(denoiser, "guided"):
+        return denoiser.guided(scale)
     return CFGDenoiser(denoiser, scale)

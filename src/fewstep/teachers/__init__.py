@@ -3,7 +3,8 @@
 ``load_teacher(spec)`` accepts
 - ``builtin:digits`` / ``builtin:moons`` — the pre-trained models shipped inside the package;
 - ``analytic:gaussians8`` / ``analytic:image`` — exact Gaussian-mixture teachers;
-- a folder written by :func:`fewstep.teachers.native.save_model` (a teacher or a run's student).
+- a folder written by :func:`fewstep.teachers.native.save_model` (a teacher or a run's student);
+- a diffusers pipeline or model folder (:mod:`fewstep.teachers.diffusers`).
 """
 
 from __future__ import annotations
@@ -52,9 +53,15 @@ def load_teacher(spec: str | Path | Denoiser) -> Denoiser:
         raise FewstepError(f"{path} is a file; pass the model folder that holds config.json and model.safetensors")
     if not path.is_dir():
         raise FewstepError(f"teacher {spec!r} is neither a builtin:/analytic: name nor an existing folder")
+    from fewstep.teachers.diffusers.loading import is_diffusers_folder, load_diffusers
+
+    if is_diffusers_folder(path):
+        return load_diffusers(path)
     if (path / "config.json").is_file():
         return load_model(path)
-    raise FewstepError(f"{path} has no config.json; pass a folder written by fewstep (or a builtin: name)")
+    raise FewstepError(
+        f"{path} has no config.json or model_index.json; pass a fewstep or diffusers model folder (or a builtin: name)"
+    )
 
 
 __all__ = ["GaussianMixture", "load_teacher", "load_model", "save_model", "builtin_path"]
