@@ -1,3 +1,17 @@
 """fewstep: distill pre-trained diffusion models into 1-4 step generators, and measure them."""
 
 __version__ = "0.1.0"
+
+_LAZY = {"distill": "fewstep.train", "load_run": "fewstep.train"}
+
+
+def __getattr__(name: str):
+    """``fewstep.distill`` / ``fewstep.load_run`` without importing torch on ``import fewstep``."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "distill", "load_run"]

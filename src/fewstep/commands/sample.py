@@ -1,4 +1,5 @@
-"""``fewstep sample``: draw samples from a teacher (any solver) as a PNG grid, scatter or .npz."""
+"""``fewstep sample``: draw samples from a teacher (any solver) or from a distilled student (a run
+directory, with its method's own sampler) as a PNG grid, scatter or .npz."""
 
 from __future__ import annotations
 
@@ -31,16 +32,58 @@ def generate(model, seeds, solver: str, steps: int, label: int | None, guidance:
     return torch.cat(xs), labels, nfe
 
 
-def run(args) -> int:
-    from fewstep.teachers import load_teacher
+def generate_student(method, seeds, steps: int, label: int | None, batch: int = 256):
+    """Seeded samples of a run's student with ``method.sample``: ``(samples, labels, steps)``."""
+    from fewstep.seeding import batches, seeded_labels, seeded_noise
+
+    num_classes = method.teacher.num_classes
+    if label is not None and not (0 <= label < max(num_classes, 1)):
+        raise FewstepError(f"--label must lie in [0, {num_classes - 1}] for this model")
+    device = next(method.student.parameters()).device
+    xs, ys = [], []
+    for chunk in batches(seeds, batch):
+        noise = seeded_noise(chunk, method.teacher.sample_shape).to(device)
+        y = seeded_labels(chunk, num_classes)
+        if y is not None and label is not None:
+            y = torch.full_like(y, label)
+        xs.append(method.sample(noise, steps, cond=None if y is None else y.to(device)).cpu())
+        ys.append(y)
+    labels = torch.cat(ys) if ys and ys[0] is not None else None
+    return torch.cat(xs), labels, steps
+
+
+def run_student(args) -> int:
+    """The run-directory branch: a distilled student samples with its method's own sampler."""
+    from fewstep.train import load_run
     from fewstep.viz import save_samples
 
-    if args.steps < 1:
+    if args.solver is not None or args.guidance != 1.0:
+        raise FewstepError(
+            "--solver and --guidance apply to teachers; a run's student samples with its method's sampler"
+        )
+    method = load_run(args.model)
+    args.steps = args.steps or method.default_steps[0]
+    seeds = range(args.seed, args.seed + args.n)
+    x, labels, steps = generate_student(method, seeds, args.steps, args.label, args.batch)
+    path = save_samples(x, labels, seeds, args.out)
+    print(f"wrote {args.n} samples ({method.name} student, {steps} step(s), step {method.run['step']}) to {path}")
+    return 0
+
+
+def run(args) -> int:
+    from fewstep.teachers import load_teacher
+    from fewstep.train.rundir import is_run_dir
+    from fewstep.viz import save_samples
+
+    if args.steps is not None and args.steps < 1:
         raise FewstepError(f"--steps must be >= 1, got {args.steps}")
     if args.n < 1:
         raise FewstepError(f"-n must be >= 1, got {args.n}")
     if not str(args.out).lower().endswith((".png", ".npz")):
         raise FewstepError(f"--out {args.out}: use a .png (picture) or .npz (raw samples) path")
+    if is_run_dir(args.model):
+        return run_student(args)
+    args.solver, args.steps = args.solver or "heun", args.steps or 18
     model = load_teacher(args.model)
     seeds = range(args.seed, args.seed + args.n)
     x, labels, nfe = generate(model, seeds, args.solver, args.steps, args.label, args.guidance, args.batch)
@@ -52,8 +95,10 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("sample", help="sample a model to a PNG grid / scatter plot or an .npz file")
     p.add_argument("--model", required=True, help="builtin:digits, builtin:moons, analytic:NAME, or a model/run folder")
-    p.add_argument("--solver", default="heun", help="euler (=ddim), heun, dpmpp_2m, reference")
-    p.add_argument("--steps", type=int, default=18)
+    p.add_argument("--solver", default=None, help="euler (=ddim), heun (default), dpmpp_2m, reference; teachers only")
+    p.add_argument(
+        "--steps", type=int, default=None, help="solver steps (teacher, default 18) or student steps (run folder)"
+    )
     p.add_argument("-n", type=int, default=64, help="number of samples")
     p.add_argument("--out", required=True, help="a .png (grid or scatter) or .npz (raw samples and labels) path")
     p.add_argument("--label", type=int, default=None, help="class label for every sample (default: random per seed)")

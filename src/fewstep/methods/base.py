@@ -33,12 +33,14 @@ Family = Literal["output", "trajectory", "adversarial"]
 class Batch:
     """One training batch. ``x`` is real (or teacher-generated) data when the method needs data,
     else ``None``; ``labels`` are class labels (the null label allowed) or ``None``; ``size`` is the
-    per-process batch size; ``extra`` carries anything a data source adds (e.g. stored noise)."""
+    per-process batch size; ``extra`` carries anything a data source adds (e.g. stored noise);
+    ``device`` is where the engine placed the networks (draw noise there when ``x`` is ``None``)."""
 
     size: int
     x: Tensor | None = None
     labels: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    device: torch.device | str = "cpu"
 
 
 @dataclass
@@ -47,7 +49,9 @@ class OptimizerSpec:
 
     ``every``/``offset``: the optimizer steps on iterations ``i`` with ``i % every == offset``
     (DMD2's 5:1 two-time-scale rule is ``every=5`` on the generator). ``kind`` is ``adam``,
-    ``adamw`` or ``radam``; ``grad_clip`` is a max global norm or ``None``.
+    ``adamw`` or ``radam``; ``grad_clip`` is a max global norm or ``None``. ``lr_schedule`` (optional)
+    maps the optimizer's own step count ``k`` (0, 1, ...) to a multiplier of ``lr`` (e.g. a warm-up);
+    it must be a pure function of ``k`` so that resuming a run reproduces it exactly.
     """
 
     networks: list[str]
@@ -59,6 +63,7 @@ class OptimizerSpec:
     every: int = 1
     offset: int = 0
     grad_clip: float | None = None
+    lr_schedule: Callable[[int], float] | None = None
 
     def due(self, iteration: int) -> bool:
         return iteration % self.every == self.offset
@@ -124,6 +129,15 @@ class Method:
 
     def on_round_end(self, round_index: int) -> None:  # pragma: no cover - optional hook
         """Hook for multi-round methods (progressive distillation)."""
+
+    # --- optional: Python-side state that must survive a resume ---------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serialisable state outside the networks (a round counter, a curriculum position) that
+        the engine saves in every checkpoint; empty by default. Tensors belong in networks/EMAs."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (called on resume and by ``load_run``)."""
 
 
 def describe(cls: type[Method]) -> dict[str, str]:

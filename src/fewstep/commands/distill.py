@@ -1,0 +1,69 @@
+"""``fewstep distill``: distill a teacher with a method into a run directory.
+
+    fewstep distill --teacher builtin:digits --method denoise --out runs/x --max-steps 2000
+    fewstep distill --out runs/x --resume                 # continue from the newest checkpoint
+    fewstep distill ... --set lr=1e-4 --set ema_decay=0.99 --dry-run   # print the resolved config
+
+Method options are the fields of the method's ``Config`` (``--set key=value`` or ``options:`` in a
+``--config`` YAML file); engine options are the fields of :class:`fewstep.train.TrainConfig`.
+Precedence: the config file, then flags, then ``--set``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def run(args) -> int:
+    from fewstep.train import TrainingInterrupted, default_eval_hook
+    from fewstep.train.api import execute, plan_run
+    from fewstep.train.config import Sources, parse_sets, read_config_file
+
+    file = read_config_file(args.config) if args.config else {}
+    flags = {
+        "teacher": args.teacher,
+        "method": args.method,
+        "data": args.data,
+        "max_steps": args.max_steps,
+        "minutes": args.minutes,
+        "seed": args.seed,
+        "batch": args.batch,
+        "checkpoint_every": args.checkpoint_every,
+    }
+    if args.minutes is not None and args.max_steps is None and "max_steps" not in file:
+        flags["max_steps"] = None
+        file = {**file, "max_steps": None}
+    out = args.out or file.pop("out", None)
+    plan = plan_run(Sources(file, flags, parse_sets(args.set)), out, resume=args.resume, overwrite=args.overwrite)
+    if args.dry_run:
+        print(json.dumps(plan.config(), indent=2))
+        return 0
+    try:
+        method = execute(plan, eval_hook=default_eval_hook())
+    except TrainingInterrupted as e:
+        print(e.message, file=sys.stderr)
+        return 128 + int(e.signum)
+    s = method.summary
+    print(f"{method.name}: {s['step']} steps in {s['minutes']:.1f} min (stopped by {s['stopped_by']}, "
+          f"{s['nonfinite']} non-finite skipped); student in {plan.out}/student")  # fmt: skip
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("distill", help="distill a teacher into a few-step student (a run directory)")
+    p.add_argument("--teacher", help="builtin:digits, analytic:gaussians8, or a model folder")
+    p.add_argument("--method", help="a method name (`fewstep methods` lists them)")
+    p.add_argument("--out", help="run directory, e.g. runs/x")
+    p.add_argument("--data", help="data for methods that need it (default: the teacher's training data)")
+    p.add_argument("--max-steps", type=int, default=None, help="iterations to train (default 1000)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at whichever ends first)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="global batch per iteration (default 64)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="iterations between checkpoints (default 500)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    p.add_argument("--config", help="YAML/JSON file of options (method options under 'options:')")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an engine or method option (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    p.set_defaults(func=run)

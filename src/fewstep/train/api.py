@@ -1,0 +1,357 @@
+"""Starting, resuming and loading runs: what ``fewstep distill`` and ``fewstep.distill`` call."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.data import Dataset
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError
+from fewstep.methods.base import Method
+from fewstep.train.config import RESUMABLE, Sources, TrainConfig, build, build_train_config, split_options, to_json
+from fewstep.train.rundir import (
+    RUN_FORMAT,
+    check_out_dir,
+    read_run_config,
+    reset_out_dir,
+    run_teacher,
+    save_student,
+    save_teacher,
+)
+
+RUN_VERSION = 1
+
+
+@dataclasses.dataclass
+class Plan:
+    """A resolved run: what to train, how, and where (nothing is touched until it is executed)."""
+
+    out: Path
+    cfg: TrainConfig
+    method_cls: type[Method]
+    options: Any
+    teacher: Denoiser
+    teacher_obj: bool
+    data_obj: Dataset | None
+    resume: bool
+    overwrite: bool
+
+    def config(self) -> dict[str, Any]:
+        """The JSON written to ``config.json`` (and printed by ``--dry-run``)."""
+        from fewstep import __version__
+
+        m = self.method_cls
+        return {
+            "format": RUN_FORMAT,
+            "version": RUN_VERSION,
+            "fewstep": __version__,
+            "method": {"name": m.name, "family": m.family, "paper": m.paper, "options": to_json(self.options)},
+            "teacher": {
+                "spec": None if self.teacher_obj else self.cfg.teacher,
+                "saved": self.teacher_obj,
+                "sample_shape": list(self.teacher.sample_shape),
+                "num_classes": int(self.teacher.num_classes),
+            },
+            "train": to_json(self.cfg),
+        }
+
+
+def plan_run(
+    sources: Sources,
+    out: str | Path | None,
+    teacher: Denoiser | None = None,
+    data: Dataset | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Plan:
+    """Resolve options (typed, validated) into a :class:`Plan`; one-line errors for bad input.
+    ``teacher``/``data`` are objects given through the Python API (else specs in the options)."""
+    from fewstep.methods import get_method
+    from fewstep.teachers import load_teacher
+
+    if out is None:
+        raise FewstepError("give an output folder (--out runs/NAME)")
+    out = Path(out)
+    check_out_dir(out, resume, overwrite)
+    if resume:
+        sources = _resume_sources(out, sources)
+    engine = dict(sources.file)
+    engine.update({k: v for k, v in sources.flags.items() if v is not None})
+    name = engine.get("method") or sources.sets.get("method") or sources.sets.get("train.method")
+    if not name:
+        raise FewstepError("give a method (--method NAME; `fewstep methods` lists them)")
+    method_cls = get_method(str(name))
+    fields = (
+        {f.name for f in dataclasses.fields(method_cls.Config)}
+        if dataclasses.is_dataclass(method_cls.Config)
+        else set()
+    )
+    engine_opts, method_opts = split_options(sources, fields)
+    if teacher is not None:
+        engine_opts["teacher"] = engine_opts.get("teacher") or ""
+    elif not engine_opts.get("teacher"):
+        raise FewstepError("give a teacher (--teacher builtin:digits, analytic:gaussians8 or a model folder)")
+    cfg = build_train_config(engine_opts)
+    options = build(method_cls.Config, method_opts, f"method {method_cls.name}")
+    teacher_obj = teacher is not None and not resume
+    if teacher is None:
+        teacher = _resume_teacher(out) if resume else load_teacher(cfg.teacher)
+    return Plan(out, cfg, method_cls, options, teacher, teacher_obj, data, resume, overwrite)
+
+
+def _resume_sources(out: Path, sources: Sources) -> Sources:
+    """A resumed run keeps its saved configuration; only budget/bookkeeping options may change."""
+    saved = read_run_config(out)
+    train, method = dict(saved["train"]), saved["method"]
+    given = {**sources.file, **{k: v for k, v in sources.flags.items() if v is not None}}
+    for key, value in given.items():
+        if key == "options" or key in RESUMABLE:
+            continue
+        if key == "method" and value != method["name"]:
+            raise FewstepError(f"{out} is a {method['name']!r} run; --resume cannot switch it to {value!r}")
+        if key == "teacher" and value not in ("", saved["teacher"].get("spec")):
+            raise FewstepError(
+                f"{out} was trained from teacher {saved['teacher'].get('spec')!r}; --resume cannot change it"
+            )
+        if key not in ("method", "teacher") and train.get(key) != value:
+            raise FewstepError(
+                f"{out} was made with {key}={train.get(key)!r}; --resume cannot change it (start a new run)"
+            )
+    for key in sources.sets:
+        bare = key.split(".", 1)[-1]
+        if bare not in RESUMABLE:
+            raise FewstepError(f"--set {key}: --resume can change only {', '.join(sorted(RESUMABLE))}")
+    budget = {k: v for k, v in given.items() if k in RESUMABLE}
+    if "minutes" in budget and "max_steps" not in budget:
+        budget["max_steps"] = None
+    return Sources(
+        file={**train, "options": method["options"], "method": method["name"]}, flags=budget, sets=sources.sets
+    )
+
+
+def _resume_teacher(out: Path) -> Denoiser:
+    return run_teacher(out, read_run_config(out))
+
+
+def resolve_data(plan: Plan, method: Method) -> Dataset | None:
+    """The data of a method that needs it: the given object, ``--data``, or the teacher's own."""
+    from fewstep.data import load_dataset
+    from fewstep.teachers.analytic import GaussianMixture
+
+    if not getattr(method, "needs_data", False):
+        return None
+    if plan.data_obj is not None:
+        return plan.data_obj
+    spec = plan.cfg.data or getattr(plan.teacher, "info", {}).get("trained_on")
+    if spec:
+        return load_dataset(spec)
+    if isinstance(plan.teacher, GaussianMixture):  # exact samples of the analytic teacher
+        g = torch.Generator().manual_seed(plan.cfg.seed)
+        n = 20000
+        labels = torch.randint(plan.teacher.num_classes, (n,), generator=g) if plan.teacher.num_classes else None
+        x = plan.teacher.sample(n, generator=g, cond=labels)
+        return Dataset(x.float(), labels, plan.teacher.num_classes, "analytic")
+    raise FewstepError(
+        f"method {method.name!r} needs data and the teacher does not say what it was trained on; pass --data"
+    )
+
+
+def execute(plan: Plan, eval_hook=None) -> Method:
+    """Build the method, train it, save the final student; return the method whose ``student``
+    holds the evaluation-EMA weights (in eval mode)."""
+    from accelerate import PartialState
+
+    from fewstep.io import atomic_write_json
+    from fewstep.train.loop import train
+
+    state = PartialState()
+    torch.manual_seed(plan.cfg.seed)  # the method's own initialisation is identical on every process
+    method = plan.method_cls(plan.teacher, plan.options)
+    data = resolve_data(plan, method)
+    if data is not None:
+        from fewstep.train.feed import check_data
+
+        check_data(data, plan.teacher)
+    if plan.resume:
+        from fewstep.train.checkpoint import latest
+
+        if latest(plan.out / "checkpoints") is None:
+            raise FewstepError(f"--resume: {plan.out} has no usable checkpoint; start it again with --overwrite")
+    config = plan.config()
+    config["data"] = None if data is None else {"spec": plan.cfg.data, "name": data.name, "size": len(data)}
+    if plan.resume:  # keep what the run was made with; only the budget options may have changed
+        config = {**read_run_config(plan.out), "train": config["train"]}
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if not plan.resume:
+            reset_out_dir(plan.out)
+            if plan.teacher_obj and not save_teacher(plan.teacher, plan.out / "teacher"):
+                config["teacher"]["saved"] = False
+        atomic_write_json(plan.out / "config.json", config)
+    state.wait_for_everyone()
+    summary = train(method, plan.cfg, plan.out, data=data, eval_hook=eval_hook, resume=plan.resume)
+    return finish(method, plan.out, summary)
+
+
+def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
+    """Move the evaluation EMA into ``method.student`` and save it as ``out/student``."""
+    from accelerate import PartialState
+
+    load_checkpoint_into(method, out, ema=True)
+    if PartialState().is_main_process:
+        save_student(method.student, out / "student", {"method": method.name, **summary})
+    method.summary = summary
+    return method
+
+
+# --- loading runs back --------------------------------------------------------------------------
+def load_checkpoint_into(method: Method, run_dir: Path, ema: bool = True, checkpoint: str | Path | None = None) -> int:
+    """Load a run's checkpoint (newest intact one, or ``checkpoint``) into ``method``; with
+    ``ema`` the student gets the evaluation-EMA weights. Returns the checkpoint's step."""
+    from fewstep.train import checkpoint as ckpt
+    from fewstep.train.loop import load_weights, prepare
+
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        path = path if path.is_absolute() or path.exists() else run_dir / "checkpoints" / path
+        problem = ckpt.verify(path)
+        if problem:
+            raise FewstepError(f"checkpoint {path} is unusable ({problem})")
+        found = ckpt.Checkpoint(path, json.loads((path / "state.json").read_text()))
+    else:
+        found = ckpt.latest(run_dir / "checkpoints")
+        if found is None:
+            raise FewstepError(f"run {run_dir} has no usable checkpoint yet; train it first (fewstep distill)")
+    if found.meta.get("method") != method.name:
+        raise FewstepError(
+            f"checkpoint {found.path} belongs to method {found.meta.get('method')!r}, not {method.name!r}"
+        )
+    device = next(method.networks()["student"].parameters()).device
+    setup = prepare(method, device)
+    load_weights(method, setup, found.tensors("weights.safetensors"), found.path)
+    if ema:
+        setup.nets["student"].load_state_dict(setup.eval_ema.target.state_dict())
+    method.load_extra_state(found.meta.get("method_state", {}))
+    for net in [*setup.nets.values(), *(t.target for t, _, _ in setup.emas.values())]:
+        net.eval().requires_grad_(False)
+    return found.step
+
+
+def load_run(
+    path: str | Path,
+    *,
+    ema: bool = True,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    teacher: Denoiser | None = None,
+) -> Method:
+    """Load a finished or partial run back as its method, ready to sample and evaluate.
+
+    Rebuilds the teacher (its builtin/analytic name or folder, or the copy saved in the run), the
+    method with the run's options, and loads the newest intact checkpoint (or ``checkpoint``, a
+    ``step-XXXXXXXX`` name or path). With ``ema=True`` (default) ``method.student`` holds the
+    evaluation-EMA weights — the student a run produces; ``ema=False`` gives the raw weights.
+    Every network is in eval mode without gradients.
+
+    Args:
+        path: the run directory (``runs/x``).
+        ema: load the evaluation EMA into the student (``False``: the raw trained weights).
+        checkpoint: a specific checkpoint instead of the newest.
+        device: where to place the networks.
+        teacher: the teacher object, for runs whose teacher could not be saved.
+
+    Returns:
+        The :class:`~fewstep.methods.Method`; ``method.sample(noise, steps, cond)`` draws from the
+        student, and ``method.run`` is ``{"path", "step", "config"}``.
+
+    Example:
+        >>> method = load_run("runs/x")  # doctest: +SKIP
+        >>> x = method.sample(torch.randn(16, *method.teacher.sample_shape), steps=1)  # doctest: +SKIP
+    """
+    from fewstep.methods import get_method
+
+    path = Path(path)
+    config = read_run_config(path)
+    cls = get_method(config["method"]["name"])
+    options = build(cls.Config, config["method"]["options"], f"method {cls.name}")
+    teacher = run_teacher(path, config, teacher)
+    torch.manual_seed(config["train"].get("seed", 0))
+    method = cls(teacher, options)
+    for module in [*method.networks().values(), *method.frozen().values()]:
+        module.to(device)
+    step = load_checkpoint_into(method, path, ema=ema, checkpoint=checkpoint)
+    method.run = {"path": str(path), "step": step, "config": config}
+    return method
+
+
+# --- the Python entry point ---------------------------------------------------------------------
+def distill(
+    teacher: str | Denoiser,
+    method: str = "denoise",
+    max_steps: int | None = None,
+    out: str | Path | None = None,
+    *,
+    data: str | Dataset | None = None,
+    options: dict[str, Any] | None = None,
+    eval_hook=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    **kwargs: Any,
+) -> Method:
+    """Distill ``teacher`` with ``method``; return the method with its trained student.
+
+    Keyword arguments that name a :class:`~fewstep.train.config.TrainConfig` field (``minutes``,
+    ``seed``, ``batch``, ``checkpoint_every``, ``ema_decay``, ...) configure the engine; any other
+    keyword is an option of the method's ``Config`` (or pass them as ``options={...}``).
+
+    Args:
+        teacher: a spec (``"builtin:digits"``, ``"analytic:gaussians8"``, a model folder) or a
+            :class:`~fewstep.denoiser.Denoiser` object (saved into the run so it can be reloaded).
+        method: a registered method name (``fewstep methods`` lists them).
+        max_steps: iterations to train (default 1000 when ``minutes`` is not given either).
+        out: the run directory; a fresh temporary folder when ``None``.
+        data: a data spec or :class:`~fewstep.data.Dataset` for methods that need data.
+        eval_hook: ``callable(method, step, run_dir) -> dict | None`` run every ``eval_every`` steps.
+        resume: continue the run in ``out`` from its newest checkpoint.
+        overwrite: replace an existing run in ``out``.
+
+    Returns:
+        The method; ``method.student`` holds the evaluation-EMA weights (what ``load_run(out)``
+        returns too), ``method.summary`` says how the run ended.
+
+    Example:
+        >>> m = distill("analytic:gaussians8", "denoise", max_steps=100, out="runs/demo")  # doctest: +SKIP
+    """
+    engine_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = {k: v for k, v in kwargs.items() if k in engine_fields}
+    method_opts = {**(options or {}), **{k: v for k, v in kwargs.items() if k not in engine_fields}}
+    flags["method"] = method
+    if max_steps is not None:
+        flags["max_steps"] = max_steps
+    elif flags.get("minutes") is not None and not resume:
+        flags["max_steps"] = None
+    obj_teacher = teacher if isinstance(teacher, Denoiser) else None
+    if obj_teacher is None:
+        flags["teacher"] = str(teacher)
+    obj_data = data if isinstance(data, Dataset) else None
+    if isinstance(data, str):
+        flags["data"] = data
+    if resume:  # a resumed run takes budget options only; keep the rest as saved
+        flags = {k: v for k, v in flags.items() if k in ("method", "max_steps", "minutes") or k in kwargs}
+        if obj_teacher is None:
+            flags["teacher"] = str(teacher)
+    if out is None:
+        if resume:
+            raise FewstepError("resume=True needs the run's out= folder")
+        out = tempfile.mkdtemp(prefix="fewstep-run-")
+    sources = Sources(file={"options": method_opts} if method_opts else {}, flags=flags)
+    plan = plan_run(sources, out, teacher=obj_teacher, data=obj_data, resume=resume, overwrite=overwrite)
+    if resume and obj_teacher is not None:
+        plan.teacher = obj_teacher
+    return execute(plan, eval_hook=eval_hook)

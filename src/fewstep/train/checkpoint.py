@@ -1,0 +1,198 @@
+"""Checkpoints: safetensors + JSON only, committed atomically, verified by checksums.
+
+One checkpoint is a folder ``checkpoints/step-00000100/``::
+
+    weights.safetensors   every trainable network, EMA copy and the evaluation EMA
+    optim.safetensors     optimizer state tensors (Adam moments, step counts) and engine counters
+    rng-<rank>.safetensors  each process's torch/CUDA/NumPy/Python RNG and data-sampler state
+    state.json            step, method, shapes, optimizer hyper-parameters, sha256 of every file
+
+Files are written into a hidden temporary folder, ``state.json`` last, and the folder is renamed
+into place, so a crash at any moment leaves either the complete new checkpoint or none. Loading
+walks the checkpoints newest first and skips (with a warning) any whose files are missing or do
+not match their checksums. Optimizer state is flattened to tensors + JSON, never pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fewstep.io import _fsync_dir, atomic_write_json, load_tensors, save_tensors
+
+FORMAT = "fewstep-checkpoint"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was unreadable and an older one is used instead."""
+
+
+# --- optimizer state <-> tensors + JSON ---------------------------------------------------------
+def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``opt.state_dict()`` as ``(tensors, json)``: tensors keyed ``{prefix}.{param}.{key}``."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{idx}.{key}"] = v
+            else:
+                scalars.setdefault(str(idx), {})[key] = v
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"groups": groups, "scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str) -> None:
+    """Inverse of :func:`flatten_optimizer`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, v in tensors.items():
+        if name.startswith(prefix + "."):
+            idx, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(idx), {})[key] = v
+    for idx, st in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(st)
+    groups = []
+    for saved, current in zip(meta["groups"], opt.param_groups, strict=True):
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --- RNG state ----------------------------------------------------------------------------------
+def rng_state(data_generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """This process's RNG states (torch, CUDA, NumPy, Python, data sampler) as tensors + metadata."""
+    tensors = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, py_state, gauss_next = random.getstate()
+    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)]),
+            "python": json.dumps([version, list(py_state), gauss_next])}  # fmt: skip
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, str], data_generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["torch"])
+    data_generator.set_state(tensors["data"])
+    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    kind, pos, has_gauss, gauss = json.loads(meta["numpy"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, gauss_next = json.loads(meta["python"])
+    random.setstate((version, tuple(py_state), gauss_next))
+
+
+# --- folders ------------------------------------------------------------------------------------
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Committed checkpoint folders under ``root``, newest first (unverified)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def staging(root: Path, step: int) -> Path:
+    """The hidden temporary folder in which the checkpoint of ``step`` is assembled."""
+    return root / f".step-{step:08d}.tmp"
+
+
+def begin(root: Path, step: int) -> Path:
+    """Create :func:`staging` afresh (a leftover from a killed run is discarded)."""
+    tmp = staging(root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_tensors(tmp: Path, name: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_tensors(tmp / name, tensors, metadata)
+
+
+def commit(tmp: Path, root: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """Checksum every file in ``tmp``, write ``state.json`` last, rename the folder into place and
+    delete all but the newest ``keep`` checkpoints (and stale temporary folders)."""
+    files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    atomic_write_json(tmp / "state.json", {**meta, "format": FORMAT, "step": step, "files": files})
+    final = root / f"step-{step:08d}"
+    if final.exists():  # the same step saved again (e.g. a resumed run that ends where it resumed)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(root)
+    for old in checkpoint_dirs(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def tensors(self, name: str) -> dict[str, Tensor]:
+        return load_tensors(self.path / name)
+
+    def rng(self, rank: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+        from safetensors import safe_open
+
+        path = self.path / f"rng-{rank}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def verify(path: Path) -> str | None:
+    """``None`` if the checkpoint at ``path`` is complete and intact, else what is wrong."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "state.json is missing or unreadable"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        return "state.json is not a fewstep checkpoint description"
+    for name, digest in meta["files"].items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if sha256(p) != digest:
+            return f"{name} does not match its checksum (truncated or corrupt)"
+    return None
+
+
+def latest(root: Path) -> Checkpoint | None:
+    """The newest intact checkpoint under ``root``; a warning for each broken one skipped."""
+    for path in checkpoint_dirs(root):
+        problem = verify(path)
+        if problem is None:
+            return Checkpoint(path, json.loads((path / "state.json").read_text()))
+        warnings.warn(
+            f"checkpoint {path} is unusable ({problem}); trying the previous one", CheckpointWarning, stacklevel=2
+        )
+    return None

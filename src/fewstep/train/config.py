@@ -1,0 +1,280 @@
+"""Typed run configuration: the engine's :class:`TrainConfig` and a method's ``Config`` dataclass.
+
+Options arrive as strings (``--set key=value``), YAML/JSON values (``--config file.yaml``) or Python
+values (``fewstep.distill(..., lr=1e-4)``). Each is checked against the dataclass field's type and
+converted (``"1e-4"`` -> ``1e-4`` for a float, ``"0.9,0.99"`` -> ``(0.9, 0.99)`` for a tuple);
+an unknown key or a value of the wrong type is a one-line :class:`FewstepError`.
+
+A config file holds engine options at the top level and the method's options under ``options``::
+
+    method: denoise
+    teacher: builtin:digits
+    max_steps: 2000
+    options:
+      lr: 1.0e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fewstep.errors import FewstepError
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+# Options a `--resume` may change: they steer the budget and bookkeeping, never the maths.
+RESUMABLE = frozenset(
+    {"max_steps", "minutes", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_n",
+     "eval_every", "max_nonfinite"}
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """Engine options (everything that is not a method's maths).
+
+    ``batch`` is the global batch of one iteration: it is split over processes and over
+    ``grad_accum`` micro-batches (``batch`` must divide evenly). An iteration steps every optimizer
+    that is due; ``max_steps`` counts iterations. ``ema_decay`` is the evaluation EMA of the student
+    (what ``load_run`` and ``fewstep sample`` use; 0 keeps it equal to the raw student).
+    """
+
+    teacher: str = ""
+    method: str = ""
+    data: str | None = None  # data set for methods that need data; default: the teacher's training data
+    max_steps: int | None = 1000
+    minutes: float | None = None
+    seed: int = 0
+    batch: int = 64
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's autocast; weights stay float32)
+    cpu: bool = False  # force the CPU even when a GPU is present
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    sample_every: int = 0  # 0: one grid at the end only
+    sample_n: int = 64
+    eval_every: int = 0  # 0: no periodic evaluation
+    max_nonfinite: int = 20  # this many non-finite iterations in a row stop the run
+
+    def validate(self) -> None:
+        """One-line errors for values no type check catches."""
+        if self.max_steps is None and self.minutes is None:
+            raise FewstepError("give a budget: --max-steps N and/or --minutes M")
+        mp = self.mixed_precision
+        checks = [
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}"),
+            (self.batch >= 1, f"batch must be >= 1, got {self.batch}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (mp in MIXED_PRECISION, f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {mp!r}"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (
+                min(self.sample_every, self.eval_every, self.sample_n) >= 0,
+                "sample_every/eval_every/sample_n must be >= 0",
+            ),
+            (self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FewstepError(message)
+
+
+# --- typed conversion ---------------------------------------------------------------------------
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _split_list(text: str) -> list[str]:
+    text = text.strip()
+    if text.startswith(("[", "(")) and text.endswith(("]", ")")):
+        text = text[1:-1]
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to the annotation ``tp``; :class:`FewstepError` naming ``key`` if it
+    cannot be. Strings (from the command line) are parsed; other values are checked."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = FewstepError(f"option {key} must be {_type_name(tp)}, got {value!r}")
+    if tp is Any or tp is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+            raise bad
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, a, key)
+            except FewstepError:
+                continue
+        raise bad
+    if origin is typing.Literal:
+        for a in args:
+            if value == a or (isinstance(value, str) and not isinstance(a, str) and value == str(a)):
+                return a
+        raise FewstepError(f"option {key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin in (tuple, list) or tp in (tuple, list):
+        items = _split_list(value) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(items) != len(args):
+                raise FewstepError(f"option {key} needs {len(args)} values, got {value!r}")
+            return tuple(coerce(v, a, key) for v, a in zip(items, args, strict=True))
+        inner = args[0] if args else Any
+        out = [coerce(v, inner, key) for v in items]
+        return tuple(out) if (origin or tp) is tuple else out
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad from None
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    return value
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def build(cls: type, options: dict[str, Any], what: str) -> Any:
+    """An instance of dataclass ``cls`` from defaults plus ``options`` (typed; unknown keys are an
+    error naming ``what`` and the valid keys)."""
+    if not dataclasses.is_dataclass(cls):
+        if options:
+            raise FewstepError(f"{what} takes no options, got {', '.join(sorted(options))}")
+        return cls() if cls is not object else None
+    types_ = field_types(cls)
+    unknown = sorted(set(options) - set(types_))
+    if unknown:
+        raise FewstepError(f"unknown option {unknown[0]!r} for {what}; valid options: {', '.join(types_)}")
+    return cls(**{k: coerce(v, types_[k], f"{k} ({what})") for k, v in options.items()})
+
+
+def to_json(obj: Any) -> Any:
+    """A dataclass (or nested values) as JSON-compatible data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise FewstepError(f"config value {obj!r} ({type(obj).__name__}) cannot be saved as JSON; use plain values")
+
+
+# --- sources: files and --set -------------------------------------------------------------------
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON config file as a dict (engine keys at the top, method options under ``options``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"config file {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise FewstepError(f"{path} is not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FewstepError(f"{path} must hold a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``."""
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise FewstepError(f"--set takes key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+@dataclass
+class Sources:
+    """Options from every source, lowest precedence first: a config file, flags, ``--set``."""
+
+    file: dict[str, Any] = field(default_factory=dict)
+    flags: dict[str, Any] = field(default_factory=dict)
+    sets: dict[str, str] = field(default_factory=dict)
+
+
+def split_options(sources: Sources, method_fields: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merge the sources into ``(engine options, method options)``. A ``--set`` key goes to the engine
+    if :class:`TrainConfig` has it, else to the method; ``train.KEY`` / ``options.KEY`` force a side."""
+    engine_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    file = dict(sources.file)
+    method_opts = file.pop("options", None) or {}
+    if not isinstance(method_opts, dict):
+        raise FewstepError("'options' in the config file must be a mapping of method options")
+    engine = {**file, **{k: v for k, v in sources.flags.items() if v is not None}}
+    method = dict(method_opts)
+    for key, value in sources.sets.items():
+        side, dot, name = key.partition(".")
+        if dot and side in ("train", "options", "method"):
+            (engine if side == "train" else method)[name] = value
+        elif key in engine_keys and key in method_fields:
+            raise FewstepError(f"--set {key} is both an engine and a method option; write train.{key} or options.{key}")
+        elif key in engine_keys:
+            engine[key] = value
+        else:
+            method[key] = value
+    return engine, method
+
+
+def build_train_config(options: dict[str, Any]) -> TrainConfig:
+    cfg = build(TrainConfig, options, "the engine (fewstep distill)")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,84 @@
+"""Batches for the engine: real data for methods that need it, class labels for all.
+
+Every process draws the same *global* batch (indices into the data, or uniform class labels) from a
+sampler generator seeded identically on all processes, and keeps its own contiguous slice. So
+``P`` processes with per-process batch ``b`` see exactly the data of one process with batch
+``P * b`` (or of ``P`` accumulation steps); only the method's own randomness (torch's global RNG,
+seeded per process) differs.
+Data are drawn uniformly with replacement, which makes the stream a pure function of the
+generator state (saved in checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fewstep.data import Dataset
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError
+from fewstep.methods.base import Batch
+
+
+def check_data(data: Dataset, teacher: Denoiser) -> None:
+    """One-line error if ``data`` cannot train a student of ``teacher``."""
+    if tuple(data.sample_shape) != tuple(teacher.sample_shape):
+        raise FewstepError(
+            f"data {data.name} has samples of shape {list(data.sample_shape)} but the teacher makes "
+            f"{list(teacher.sample_shape)}; pass data of the teacher's resolution and channels (--data)"
+        )
+    if data.labels is not None and teacher.num_classes and data.num_classes != teacher.num_classes:
+        raise FewstepError(
+            f"data {data.name} has {data.num_classes} classes but the teacher has {teacher.num_classes}; "
+            "pass data with the teacher's labels"
+        )
+
+
+class Feeder:
+    """This process's :class:`Batch` of each micro-step.
+
+    Each iteration draws one global batch of ``batch * world * accum`` indices (or labels); micro-
+    step ``m`` of rank ``r`` takes the ``m * world + r``-th consecutive slice of ``batch``. The data
+    an iteration sees is therefore the same for any split over processes and accumulation steps.
+
+    Args:
+        data: in-memory data (``None`` for data-free methods: labels only).
+        num_classes: the teacher's number of classes (0: unconditional, labels are ``None``).
+        batch: per-process micro-batch size.
+        rank, world: this process's index and the number of processes.
+        accum: micro-batches per iteration.
+        seed: seeds the sampler generator (the same on every process).
+        device: where batches are placed.
+    """
+
+    def __init__(
+        self, data: Dataset | None, num_classes: int, batch: int, rank: int, world: int, accum: int, seed: int, device
+    ) -> None:
+        self.batch, self.rank, self.world, self.accum = batch, rank, world, accum
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_classes = num_classes
+        self.x = self.labels = None
+        if data is not None:
+            self.x = data.x.to(self.device)
+            if data.labels is not None and num_classes:
+                self.labels = data.labels.to(self.device)
+
+    def iteration(self) -> list[Batch]:
+        """The ``accum`` micro-batches of one iteration for this process."""
+        n = self.batch * self.world * self.accum
+        if self.x is not None:
+            draw = torch.randint(len(self.x), (n,), generator=self.generator)
+        elif self.num_classes:
+            draw = torch.randint(self.num_classes, (n,), generator=self.generator)
+        else:
+            return [Batch(self.batch, None, None, device=self.device) for _ in range(self.accum)]
+        batches = []
+        for m in range(self.accum):
+            start = (m * self.world + self.rank) * self.batch
+            mine = draw[start : start + self.batch].to(self.device)
+            if self.x is None:
+                batches.append(Batch(self.batch, None, mine, device=self.device))
+            else:
+                labels = self.labels[mine] if self.labels is not None else None
+                batches.append(Batch(self.batch, self.x[mine], labels, device=self.device))
+        return batches

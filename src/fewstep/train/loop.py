@@ -1,0 +1,562 @@
+"""The training loop: one function, :func:`train`, that runs any :class:`~fewstep.methods.Method`.
+
+Read it top to bottom: set up (devices, optimizers, EMAs, data, resume), then iterate. One
+iteration draws ``grad_accum`` micro-batches, asks the method for the losses of the optimizers that
+are due, back-propagates each loss into its own optimizer's parameters only
+(``backward(inputs=...)``, so gradients never leak between optimizers and the frozen teacher never
+gets any), averages gradients over processes, clips, steps, and updates the EMA copies of the
+networks that stepped. Everything between logging points stays on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fewstep.data import Dataset
+from fewstep.errors import FewstepError
+from fewstep.methods.base import Method, OptimizerSpec
+from fewstep.train import checkpoint as ckpt
+from fewstep.train.config import TrainConfig
+from fewstep.train.ema import EMA, swap_weights
+from fewstep.train.feed import Feeder, check_data
+from fewstep.train.rundir import Metrics
+
+EvalHook = Callable[[Method, int, Path], "dict[str, float] | None"]
+DATA_STREAM = 1 << 32  # seed-sequence key of the shared data sampler (ranks use 0 .. world-1)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after saving a checkpoint; ``signum`` says which."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
+def derive_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed for ``stream`` (a process rank, or the data sampler) of run seed ``seed``."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and Python's RNG of this process."""
+    import random
+
+    s = derive_seed(seed, rank)
+    torch.manual_seed(s)
+    np.random.seed(s % (1 << 32))
+    random.seed(s)
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An :class:`accelerate.Accelerator` for ``cfg`` (a second in-process run may change the
+    precision: accelerate's process-wide state is then reset, the process group kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and (state.get("_mixed_precision") != cfg.mixed_precision or state.get("_cpu", False) != cfg.cpu):
+        AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    if cfg.mixed_precision == "fp16" and acc.device.type != "cuda":
+        raise FewstepError("mixed_precision fp16 needs a GPU; use bf16 on the CPU")
+    return acc
+
+
+def make_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The torch optimizer of ``spec``; Adam/AdamW use the fused kernel, which can skip a step
+    on a device-side flag (``found_inf``) without a host synchronisation."""
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+    if spec.kind not in kinds:
+        raise FewstepError(f"unknown optimizer kind {spec.kind!r}; use one of {', '.join(kinds)}")
+    kwargs = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay)
+    if spec.kind in ("adam", "adamw"):
+        try:
+            return kinds[spec.kind](params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a device/dtype without the fused kernel
+            pass
+    return kinds[spec.kind](params, **kwargs)
+
+
+def steps_taken(spec: OptimizerSpec, iteration: int) -> int:
+    """How many times ``spec`` stepped before ``iteration`` (its learning-rate schedule's input)."""
+    return 0 if iteration <= spec.offset else (iteration - spec.offset - 1) // spec.every + 1
+
+
+@dataclass
+class Setup:
+    """What :func:`train` builds from a method (also used by ``load_run``)."""
+
+    nets: dict[str, nn.Module]
+    specs: dict[str, OptimizerSpec]
+    params: dict[str, list[nn.Parameter]]
+    emas: dict[str, tuple[EMA, Any, str]]  # attribute -> (tracker, decay, optimizer that owns its source)
+    eval_ema: EMA
+    student_opt: str
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+
+
+def prepare(method: Method, device: torch.device | str) -> Setup:
+    """Check the method against the engine contract, place every network on ``device``, freeze
+    the frozen ones, and build the EMA trackers. One-line errors for a broken contract."""
+    nets, frozen, specs, ema_specs = method.networks(), method.frozen(), method.optimizers(), method.emas()
+    if "student" not in nets:
+        raise FewstepError(f"method {method.name!r}: networks() must include 'student' (the network users sample)")
+    owner: dict[str, str] = {}
+    for opt_name, spec in specs.items():
+        for net in spec.networks:
+            if net not in nets:
+                raise FewstepError(f"method {method.name!r}: optimizer {opt_name!r} names unknown network {net!r}")
+            if net in owner:
+                raise FewstepError(f"method {method.name!r}: network {net!r} is in two optimizers")
+            owner[net] = opt_name
+        if spec.every < 1 or not 0 <= spec.offset < spec.every:
+            raise FewstepError(
+                f"method {method.name!r}: optimizer {opt_name!r} needs every >= 1 and 0 <= offset < every"
+            )
+    if set(nets) - set(owner):
+        raise FewstepError(f"method {method.name!r}: network(s) {sorted(set(nets) - set(owner))} have no optimizer")
+    for name, module in {**frozen, **{k: getattr(method, k, None) for k in ema_specs}}.items():
+        if module is None:
+            raise FewstepError(f"method {method.name!r}: EMA copy {name!r} must be an attribute of the method")
+        module.to(device).eval().requires_grad_(False)
+    for net in nets.values():
+        net.to(device).train()
+    trainable = {id(p) for n in nets.values() for p in n.parameters()}
+    for name, module in frozen.items():
+        if any(id(p) in trainable for p in module.parameters()):
+            raise FewstepError(
+                f"method {method.name!r}: frozen network {name!r} shares parameters with a trainable one"
+            )
+    params = {k: [p for n in s.networks for p in nets[n].parameters() if p.requires_grad] for k, s in specs.items()}
+    emas = {}
+    for name, spec in ema_specs.items():
+        if spec.source not in nets:
+            raise FewstepError(f"method {method.name!r}: EMA {name!r} follows unknown network {spec.source!r}")
+        emas[name] = (EMA(getattr(method, name), nets[spec.source]), spec, owner[spec.source])
+    eval_ema = EMA.copy_of(nets["student"])
+    return Setup(nets, specs, params, emas, eval_ema, owner["student"])
+
+
+@contextmanager
+def sampling_weights(method: Method, setup: Setup):
+    """Evaluation mode with the evaluation EMA in the student's place; the training RNG and
+    weights are restored afterwards, so sampling never changes a run's trajectory."""
+    student = setup.nets["student"]
+    devices = [student_device(setup).index or 0] if student_device(setup).type == "cuda" else []
+    modes = {k: n.training for k, n in setup.nets.items()}
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        swap_weights(student, setup.eval_ema.target)
+        for n in setup.nets.values():
+            n.eval()
+        try:
+            yield
+        finally:
+            swap_weights(student, setup.eval_ema.target)
+            for k, n in setup.nets.items():
+                n.train(modes[k])
+
+
+def student_device(setup: Setup) -> torch.device:
+    return next(setup.nets["student"].parameters()).device
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag (the loop saves and stops); a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def train(
+    method: Method,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    data: Dataset | None = None,
+    eval_hook: EvalHook | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train ``method`` under ``cfg``, writing checkpoints, metrics and samples into ``run_dir``.
+
+    Returns a summary ``{"step", "stopped_by", "nonfinite", "minutes"}``; ``stopped_by`` is
+    ``max_steps`` or ``minutes``. Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM (a
+    checkpoint is saved first) and :class:`FewstepError` after ``max_nonfinite`` non-finite
+    iterations in a row (no checkpoint is written, the last one stays intact).
+    """
+    run_dir = Path(run_dir)
+    acc = make_accelerator(cfg)
+    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+    if cfg.batch % (world * cfg.grad_accum):
+        raise FewstepError(f"batch {cfg.batch} must divide by processes x grad_accum = {world * cfg.grad_accum}")
+    micro = cfg.batch // (world * cfg.grad_accum)
+    if getattr(method, "needs_data", False) and data is None:
+        raise FewstepError(f"method {method.name!r} needs data; pass --data (e.g. digits)")
+    if data is not None:
+        check_data(data, method.teacher)
+
+    setup = prepare(method, device)
+    if world > 1:  # identical starting weights on every process
+        for p in [p for n in setup.nets.values() for p in n.state_dict().values()] + setup.eval_ema.target_params:
+            torch.distributed.broadcast(p.data, 0)
+    setup.optimizers = {k: make_optimizer(s, setup.params[k]) for k, s in setup.specs.items()}
+    needs = data if getattr(method, "needs_data", False) else None
+    data_seed = derive_seed(cfg.seed, DATA_STREAM)
+    feeder = Feeder(needs, method.teacher.num_classes, micro, rank, world, cfg.grad_accum, data_seed, device)
+    counters = {"nonfinite": torch.zeros((), device=device), "streak": torch.zeros((), device=device)}
+    step = 0
+    if resume:
+        step = restore(run_dir / "checkpoints", method, setup, feeder, counters, rank, world)
+    else:
+        seed_process(cfg.seed, rank)
+
+    metrics = Metrics(run_dir, enabled=main, resume_step=step if resume else None)
+    window = Window(setup.specs, device)
+    clock = {"start": time.monotonic(), "last": time.monotonic(), "last_step": step}
+    deadline = clock["start"] + cfg.minutes * 60 if cfg.minutes else math.inf
+    total = cfg.max_steps if cfg.max_steps is not None else math.inf
+    bar = progress_bar(cfg, step, main, method.name)
+    stopped_by, last_saved = ("max_steps" if step >= total else None), (step if resume else -1)
+    try:
+        with _Signals() as signals:
+            while stopped_by is None:
+                due = [k for k, s in setup.specs.items() if s.due(step)]
+                iteration(method, setup, acc, feeder, cfg, step, due, counters, window)
+                step += 1
+                at_log = step % cfg.log_every == 0 or step >= total
+                if world == 1 or at_log:  # processes agree on stopping only at logging points
+                    stopped_by = stop_reason(step, total, deadline, signals.received, acc, world)
+                if at_log or stopped_by:
+                    stats = log_window(window, counters, step, clock, metrics, bar, acc)
+                    if stats["streak"] >= cfg.max_nonfinite:
+                        raise nonfinite_error(stats, step, run_dir)
+                if stopped_by or step % cfg.checkpoint_every == 0:
+                    save(run_dir / "checkpoints", method, setup, feeder, counters, step, cfg, acc)
+                    last_saved = step
+                if cfg.sample_every and step % cfg.sample_every == 0 and not stopped_by:
+                    sample_grids(method, setup, run_dir, step, cfg.sample_n, acc)
+                if eval_hook is not None and cfg.eval_every and step % cfg.eval_every == 0 and not stopped_by:
+                    run_eval(eval_hook, method, setup, run_dir, step, metrics, acc)
+        if stopped_by in ("SIGINT", "SIGTERM"):
+            raise TrainingInterrupted(
+                getattr(signal, stopped_by),
+                f"{stopped_by} at step {step}: checkpoint saved in {run_dir / 'checkpoints'}; continue with --resume",
+            )
+        assert last_saved == step
+        sample_grids(method, setup, run_dir, step, cfg.sample_n, acc)
+        if eval_hook is not None:
+            run_eval(eval_hook, method, setup, run_dir, step, metrics, acc)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    minutes = round((time.monotonic() - clock["start"]) / 60, 3)
+    return {"step": step, "stopped_by": stopped_by, "nonfinite": int(counters["nonfinite"]), "minutes": minutes}
+
+
+def log_window(window: Window, counters, step: int, clock: dict, metrics: Metrics, bar, acc) -> dict[str, float]:
+    """Bring the window's statistics to the host (the one synchronisation per ``log_every``),
+    write them to the metrics and the progress bar."""
+    stats = window.flush(acc, counters)
+    now = time.monotonic()
+    rate = (step - clock["last_step"]) / max(now - clock["last"], 1e-9)
+    clock.update(last=now, last_step=step)
+    metrics.log(step, {**stats, "it_per_s": rate, "elapsed_s": now - clock["start"]})
+    if bar is not None:
+        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in stats.items() if k.startswith("loss/")})
+        bar.update(step - bar.n)
+    return stats
+
+
+def nonfinite_error(stats: dict[str, float], step: int, run_dir: Path) -> FewstepError:
+    last = ckpt.checkpoint_dirs(run_dir / "checkpoints")
+    return FewstepError(
+        f"{int(stats['streak'])} non-finite losses in a row by step {step} ({int(stats['nonfinite'])} in all); "
+        f"stopped without saving — the last checkpoint ({last[0].name if last else 'none'}) is intact: "
+        "lower the learning rate or check the method's options, then --resume"
+    )
+
+
+def iteration(
+    method, setup: Setup, acc, feeder: Feeder, cfg: TrainConfig, step: int, due: list[str], counters, window
+) -> None:
+    """One iteration: losses of the due optimizers over ``grad_accum`` micro-batches, a backward
+    pass per loss into its own optimizer's parameters, gradient averaging over processes, clipping,
+    the optimizer steps (skipped on the device when any loss is non-finite), EMA updates."""
+    if not due:
+        return
+    for k in due:
+        setup.optimizers[k].zero_grad(set_to_none=True)
+    finite = torch.ones((), dtype=torch.bool, device=feeder.device)
+    for batch in feeder.iteration():
+        with acc.autocast():
+            losses = method.losses(batch, step, set(due))
+        if set(losses) != set(due):
+            raise FewstepError(
+                f"method {method.name!r} returned losses {sorted(losses)} for due optimizers {sorted(due)}"
+            )
+        for j, k in enumerate(due):
+            loss = losses[k]
+            acc.backward(loss / cfg.grad_accum, inputs=setup.params[k], retain_graph=j < len(due) - 1)
+            ok = torch.isfinite(loss.detach())
+            finite &= ok
+            window.add(k, loss.detach(), ok)
+    if acc.num_processes > 1:
+        for k in due:
+            all_reduce_grads(setup.params[k], acc.num_processes)
+        finite = all_finite(finite)
+    bad = (~finite).float()
+    for k in due:
+        spec, opt = setup.specs[k], setup.optimizers[k]
+        if acc.scaler is not None:
+            acc.scaler.unscale_(opt)
+        if spec.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(setup.params[k], spec.grad_clip)
+            window.add_norm(k, norm)
+        if spec.lr_schedule is not None:
+            for group in opt.param_groups:
+                group["lr"] = spec.lr * float(spec.lr_schedule(steps_taken(spec, step)))
+        if acc.scaler is not None:
+            acc.scaler.step(opt)
+        elif getattr(opt, "_step_supports_amp_scaling", False):
+            opt.grad_scale, opt.found_inf = None, bad  # fused kernels skip the update when found_inf != 0
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        elif bool(finite):  # non-fused optimizers (RAdam): one host synchronisation
+            opt.step()
+    if acc.scaler is not None:
+        acc.scaler.update()
+    keep = 1.0 - bad
+    for tracker, spec, owner in setup.emas.values():
+        if owner in due:
+            tracker.update((1.0 - spec.value(step)) * keep)
+    if setup.student_opt in due:
+        setup.eval_ema.update((1.0 - cfg.ema_decay) * keep)
+    counters["nonfinite"] += bad
+    counters["streak"].mul_(bad).add_(bad)
+
+
+def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
+    """Average gradients over processes in one flat bucket (what DDP computes)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(r)
+
+
+def all_finite(finite: Tensor) -> Tensor:
+    t = (~finite).float()
+    torch.distributed.all_reduce(t)
+    return t == 0
+
+
+def stop_reason(step: int, total: float, deadline: float, signum: int | None, acc, world: int) -> str | None:
+    """Why to stop now, agreed by every process (a signal or the clock may reach only some)."""
+    flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM), float(time.monotonic() >= deadline)]
+    if world > 1:
+        t = torch.tensor(flags, device=acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        flags = t.tolist()
+    if flags[0]:
+        return "SIGINT"
+    if flags[1]:
+        return "SIGTERM"
+    if step >= total:
+        return "max_steps"
+    return "minutes" if flags[2] else None
+
+
+class Window:
+    """Sums of losses and gradient norms between logging points, kept on the device."""
+
+    def __init__(self, specs: dict[str, OptimizerSpec], device) -> None:
+        z = lambda: torch.zeros((), device=device)
+        self.sums = {k: z() for k in specs}
+        self.counts = {k: z() for k in specs}
+        self.norms = {k: z() for k in specs}
+        self.norm_counts = dict.fromkeys(specs, 0)
+
+    def add(self, k: str, loss: Tensor, ok: Tensor) -> None:
+        self.sums[k] += torch.where(ok, loss.float(), 0.0)
+        self.counts[k] += ok.float()
+
+    def add_norm(self, k: str, norm: Tensor) -> None:
+        self.norms[k] += norm.float()
+        self.norm_counts[k] += 1
+
+    def flush(self, acc, counters: dict[str, Tensor]) -> dict[str, float]:
+        """Means over the window (averaged over processes); the one host transfer per window."""
+        keys = list(self.sums)
+        columns = [self.sums, self.counts, self.norms]
+        packed = torch.stack([c[k] for c in columns for k in keys] + [counters["nonfinite"], counters["streak"]])
+        if acc.num_processes > 1:
+            packed = acc.reduce(packed, "mean")
+        values = packed.tolist()
+        n = len(keys)
+        out = {}
+        for i, k in enumerate(keys):
+            if values[n + i] > 0:
+                out[f"loss/{k}"] = values[i] / values[n + i]
+            if self.norm_counts[k]:
+                out[f"grad_norm/{k}"] = values[2 * n + i] / self.norm_counts[k]
+        out["nonfinite"], out["streak"] = values[3 * n], values[3 * n + 1]
+        for d in (self.sums, self.counts, self.norms):
+            for t in d.values():
+                t.zero_()
+        self.norm_counts = dict.fromkeys(keys, 0)
+        return out
+
+
+def progress_bar(cfg: TrainConfig, step: int, main: bool, name: str):
+    if not main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=step, desc=name, dynamic_ncols=True, disable=None, unit="it")
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def weights_of(method: Method, setup: Setup) -> dict[str, Tensor]:
+    out = {}
+    for name, net in setup.nets.items():
+        out.update({f"net.{name}.{k}": v for k, v in net.state_dict().items()})
+    for name, (tracker, _, _) in setup.emas.items():
+        out.update({f"ema.{name}.{k}": v for k, v in tracker.target.state_dict().items()})
+    out.update({f"eval_ema.{k}": v for k, v in setup.eval_ema.target.state_dict().items()})
+    return out
+
+
+def load_weights(method: Method, setup: Setup, weights: dict[str, Tensor], where: Path) -> None:
+    """Load checkpoint weights into the networks, with a one-line error when they do not fit."""
+    modules = {f"net.{n}.": m for n, m in setup.nets.items()}
+    modules.update({f"ema.{n}.": t.target for n, (t, _, _) in setup.emas.items()})
+    modules["eval_ema."] = setup.eval_ema.target
+    for prefix, module in modules.items():
+        part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        expected = module.state_dict()
+        if set(part) != set(expected) or any(part[k].shape != expected[k].shape for k in part):
+            raise FewstepError(
+                f"checkpoint {where} does not fit this run's {prefix.rstrip('.')} network (another method, teacher "
+                "or configuration); start a new run with another --out"
+            )
+        module.load_state_dict(part)
+
+
+def save(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, step: int, cfg: TrainConfig, acc) -> None:
+    """Write the checkpoint of ``step`` (every process its RNG; the main process the rest)."""
+    tmp = ckpt.begin(root, step) if acc.is_main_process else ckpt.staging(root, step)
+    acc.wait_for_everyone()
+    rng_tensors, rng_meta = ckpt.rng_state(feeder.generator)
+    ckpt.write_tensors(tmp, f"rng-{acc.process_index}.safetensors", rng_tensors, rng_meta)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        ckpt.write_tensors(tmp, "weights.safetensors", weights_of(method, setup))
+        optim, optim_meta = {}, {}
+        for k, opt in setup.optimizers.items():
+            tensors, meta = ckpt.flatten_optimizer(opt, f"opt.{k}")
+            optim.update(tensors)
+            optim_meta[k] = meta
+        optim.update({f"counter.{k}": v for k, v in counters.items()})
+        ckpt.write_tensors(tmp, "optim.safetensors", optim)
+        meta = {
+            "method": method.name,
+            "sample_shape": list(method.teacher.sample_shape),
+            "num_classes": method.teacher.num_classes,
+            "world_size": acc.num_processes,
+            "optimizers": optim_meta,
+            "method_state": method.extra_state(),
+            "seed": cfg.seed,
+        }
+        ckpt.commit(tmp, root, step, meta, cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def restore(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, rank: int, world: int) -> int:
+    """Load the newest intact checkpoint under ``root``; return its step."""
+    found = ckpt.latest(root)
+    if found is None:
+        raise FewstepError(f"no usable checkpoint in {root}; start the run again without --resume")
+    meta = found.meta
+    if meta.get("method") != method.name or list(meta.get("sample_shape", [])) != list(method.teacher.sample_shape):
+        raise FewstepError(
+            f"checkpoint {found.path} is from method {meta.get('method')!r} with samples {meta.get('sample_shape')}, "
+            f"not {method.name!r} with {list(method.teacher.sample_shape)}; pass the run's own method and teacher"
+        )
+    if meta.get("world_size") != world:
+        raise FewstepError(
+            f"checkpoint {found.path} was written by {meta.get('world_size')} process(es); resume with {world}"
+        )
+    load_weights(method, setup, found.tensors("weights.safetensors"), found.path)
+    optim = found.tensors("optim.safetensors")
+    for k, opt in setup.optimizers.items():
+        ckpt.load_optimizer(opt, optim, meta["optimizers"][k], f"opt.{k}")
+    for k, t in counters.items():
+        t.copy_(optim[f"counter.{k}"])
+    method.load_extra_state(meta.get("method_state", {}))
+    ckpt.set_rng_state(*found.rng(rank), feeder.generator)
+    return found.step
+
+
+# --- samples and evaluation ---------------------------------------------------------------------
+def sample_grids(method: Method, setup: Setup, run_dir: Path, step: int, n: int, acc) -> None:
+    """Seeded sample grids of the evaluation EMA at each of the method's step counts."""
+    if acc.is_main_process and n:
+        from fewstep.seeding import seeded_labels, seeded_noise
+        from fewstep.viz import save_samples
+
+        teacher, device = method.teacher, student_device(setup)
+        seeds = range(n)
+        noise = seeded_noise(seeds, teacher.sample_shape).to(device)
+        labels = seeded_labels(seeds, teacher.num_classes)
+        labels = labels.to(device) if labels is not None else None
+        with sampling_weights(method, setup):
+            for k in getattr(method, "default_steps", (1,)):
+                try:
+                    x = method.sample(noise, k, cond=labels)
+                except NotImplementedError:
+                    break
+                save_samples(x.float().cpu(), labels, seeds, run_dir / "samples" / f"step-{step:08d}-{k}step.png")
+    acc.wait_for_everyone()
+
+
+def run_eval(hook: EvalHook, method: Method, setup: Setup, run_dir: Path, step: int, metrics: Metrics, acc) -> None:
+    """Call the evaluation hook on the main process with the evaluation EMA in place."""
+    if acc.is_main_process:
+        with sampling_weights(method, setup):
+            result = hook(method, step, run_dir)
+        if result:
+            metrics.log(step, {f"eval/{k}": float(v) for k, v in result.items()})
+    acc.wait_for_everyone()

@@ -1,0 +1,182 @@
+"""The run directory (DESIGN.md §7): everything about one distillation run, in one folder.
+
+    runs/x/config.json        the resolved configuration ({"format": "fewstep-run", ...})
+    runs/x/metrics.jsonl      one JSON object per logging point (losses, it/s, evaluation results)
+    runs/x/checkpoints/       step-XXXXXXXX/ folders (see fewstep.train.checkpoint)
+    runs/x/samples/           sample grids of the evaluation EMA
+    runs/x/student/           the final student (evaluation EMA): model.safetensors + config.json
+    runs/x/teacher/           the teacher, when it was given as an object rather than a name
+    runs/x/tensorboard/       TensorBoard events, when tensorboard is installed
+
+An existing run directory is never overwritten: starting a run in a non-empty folder needs
+``--resume`` (continue it) or ``--overwrite`` (delete it first; only a fewstep run folder).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.denoiser import Denoiser, EDMDenoiser
+from fewstep.errors import FewstepError
+from fewstep.io import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
+
+RUN_FORMAT = "fewstep-run"
+STUDENT_FORMAT = "fewstep-student"
+MIXTURE_FORMAT = "fewstep-gaussian-mixture"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a fewstep run (its ``config.json`` says so)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == RUN_FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not is_run_dir(path):
+        raise FewstepError(f"{path} is not a fewstep run directory (no config.json with format {RUN_FORMAT!r})")
+    return read_json(path / "config.json")
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch ``out`` unless the flags allow it (called before anything is written)."""
+    if resume and overwrite:
+        raise FewstepError("--resume and --overwrite contradict each other; pick one")
+    exists = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if resume:
+        if not is_run_dir(out):
+            raise FewstepError(f"--resume: {out} is not a fewstep run directory; start a new run without --resume")
+    elif exists and not overwrite:
+        raise FewstepError(
+            f"{out} already exists; continue it with --resume, replace it with --overwrite, or pick another --out"
+        )
+    elif exists and not is_run_dir(out):
+        raise FewstepError(
+            f"{out} is not a fewstep run directory, so --overwrite will not delete it; pick another --out"
+        )
+
+
+def reset_out_dir(out: Path) -> None:
+    """Delete an old run in ``out`` (checked by :func:`check_out_dir`) and create the folder."""
+    if out.exists() and is_run_dir(out):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+class Metrics:
+    """``metrics.jsonl`` (always) and TensorBoard events (when ``tensorboard`` is installed)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.is_file():  # drop records the resumed run will redo
+                keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
+                atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional dependency
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+# --- teachers given as objects ------------------------------------------------------------------
+def save_teacher(teacher: Denoiser, folder: Path) -> bool:
+    """Save a teacher object so ``load_run`` can rebuild it; ``False`` if its type cannot be saved."""
+    from fewstep.networks import MLP, UNet
+    from fewstep.teachers.analytic import GaussianMixture
+    from fewstep.teachers.native import save_model
+
+    if isinstance(teacher, EDMDenoiser) and isinstance(teacher.net, (UNet, MLP)):
+        save_model(teacher, folder, getattr(teacher, "info", {}))
+        return True
+    if isinstance(teacher, GaussianMixture):
+        tensors = {"means": teacher.means, "stds": teacher.stds, "weights": teacher.log_weights.exp()}
+        if teacher.num_classes:
+            tensors["labels"] = teacher.labels
+        save_tensors(folder / "model.safetensors", tensors)
+        atomic_write_json(folder / "config.json", {"format": MIXTURE_FORMAT, "sigma_min": teacher.sigma_min,
+                                                    "sigma_max": teacher.sigma_max})  # fmt: skip
+        return True
+    return False
+
+
+def load_saved_teacher(folder: Path) -> Denoiser:
+    from fewstep.teachers import load_teacher
+    from fewstep.teachers.analytic import GaussianMixture
+
+    cfg = read_json(folder / "config.json")
+    if cfg.get("format") == MIXTURE_FORMAT:
+        t = load_tensors(folder / "model.safetensors")
+        return GaussianMixture(
+            t["means"], t["stds"], t["weights"], t.get("labels"), cfg["sigma_min"], cfg["sigma_max"]
+        ).eval()
+    return load_teacher(folder)
+
+
+def run_teacher(run_dir: Path, config: dict[str, Any], teacher: Denoiser | None = None) -> Denoiser:
+    """The teacher of a run: ``teacher`` if given, else the run's saved copy, else its spec."""
+    from fewstep.teachers import load_teacher
+
+    if teacher is not None:
+        return teacher
+    info = config["teacher"]
+    if info.get("saved"):
+        return load_saved_teacher(run_dir / "teacher")
+    if info.get("spec"):
+        return load_teacher(info["spec"])
+    raise FewstepError(f"run {run_dir} was trained on a teacher object that could not be saved; pass teacher=...")
+
+
+# --- the final student --------------------------------------------------------------------------
+def save_student(student: torch.nn.Module, folder: Path, info: dict[str, Any]) -> Path:
+    """Write the student as ``model.safetensors`` + ``config.json``. A student that is itself a
+    fewstep EDM network is saved in the model format (``fewstep sample --model runs/x/student``
+    and ``load_teacher`` read it); other students (wrappers) record their method, and are loaded
+    back with ``load_run``."""
+    from fewstep.networks import MLP, UNet
+    from fewstep.teachers.native import model_config, save_model
+
+    if isinstance(student, EDMDenoiser) and isinstance(student.net, (UNet, MLP)):
+        return save_model(student, folder, info)
+    save_tensors(folder / "model.safetensors", student.state_dict())
+    inner = getattr(student, "net", None)
+    cfg = {"format": STUDENT_FORMAT, "wrapper": type(student).__name__, "info": info}
+    if isinstance(inner, EDMDenoiser) and isinstance(inner.net, (UNet, MLP)):
+        cfg["inner"] = model_config(inner)
+    atomic_write_json(folder / "config.json", cfg)
+    return folder
