@@ -37,7 +37,8 @@ def copy_teacher(teacher: Denoiser, extra_dims: int = 0) -> EDMDenoiser:
         old = student.net.embed
         base = old.pos.dim
         emb = old.noise_mlp[-1].out_features
-        new = CondEmbedding(base, emb, old.num_classes, old.extra_dims + extra_dims)
+        ref = next(old.parameters())  # the new embedding lives on the teacher's device and dtype
+        new = CondEmbedding(base, emb, old.num_classes, old.extra_dims + extra_dims).to(ref.device, ref.dtype)
         new.load_state_dict(old.state_dict(), strict=False)
         for mlp in list(new.extra_mlps)[old.extra_dims :]:
             nn.init.zeros_(mlp[-1].weight)
