@@ -1,0 +1,245 @@
+"""Consistency trajectory models (Kim, Lai, Liao, Murata, Takida, Uesaka, He, Mitsufuji & Ermon
+2023, arXiv 2310.02279).
+
+A flow-map student ``G_theta(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta(x_t, t, s)`` (Eq. 5;
+:class:`fewstep.students.FlowMapStudent`) jumps along the teacher's PF-ODE from any ``t`` to any
+``s <= t``. Its loss (Eq. 9–11, reference code ``ctm_losses``):
+
+    L_CTM = d( G_sg(G_theta(x_t, t, s), s, eps),  G_sg(G_sg(Solver_phi(x_t, t -> u), u, s), s, eps) )
+    L_DSM = E_sigma lambda(sigma) || g_theta(x0 + sigma z, sigma, sigma) - x0 ||^2
+    L     = L_CTM + lambda_DSM L_DSM  [+ lambda_GAN L_GAN]
+
+``G_sg`` is the EMA target network ``theta^-`` (stop-gradient weights; gradients still flow through
+its input on the student side); ``eps = sigma_min`` (the paper's "0"). Times live on the
+N-point Karras grid (rho = 7; index 0 = sigma_max): per batch, the number of teacher Heun steps is
+``n`` with ``p(n) ∝ n`` on ``1..n_max`` (``heun_step_strategy = weighted``); per sample, ``t`` is
+uniform on indices ``[0, N-1-n]``, ``u = t + n`` and ``s`` uniform on ``[u, N-1]``.
+``Solver_phi`` is ``n`` Heun steps of the teacher along the grid. The DSM term draws
+``ln sigma ~ N(-1.2, 1.2^2)`` with EDM's weight ``lambda(sigma) = (sigma^2 + sigma_d^2)/(sigma sigma_d)^2``.
+
+The optional GAN term (Sec. 4.2) is a hinge game between real data and ``G_theta(x_t, t, 0)``;
+the generator term is scaled adaptively by ``||grad L_CTM|| / ||grad L_GAN||`` at the student's
+last layer (clipped to [0.01, 10], as ``calculate_adaptive_weight``), and starts at ``gan_start``.
+
+Sampling is gamma-sampling (Algorithm 2): ``x <- G(x, t_n, sqrt(1 - gamma^2) t_{n+1}) + gamma
+t_{n+1} z``; ``gamma = 0`` is deterministic flow-map stepping, ``gamma = 1`` is CM's multistep.
+
+Defaults from the reference code's CIFAR-10 settings (N = 18, n_max = 17, uniform ``s``, EMA
+0.999, RAdam lr 4e-4, lambda_DSM = 1, discriminator RAdam lr 2e-3 betas (0.5, 0.9)).
+Deviations: the paper's feature distance (LPIPS, or StyleGAN-XL's DeiT/EfficientNet features) needs
+ImageNet weights fewstep cannot download — L2 / L1 / pseudo-Huber instead (a feature distance
+from the digits classifier would leak into the FID it is judged by); the discriminator is
+:mod:`fewstep.networks.discriminator`'s heads on the frozen teacher's features at ``gan_sigma``
+instead of StyleGAN-XL's projected discriminator; lambda_DSM is fixed (the reference code's later
+default) rather than gradient-balanced.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.denoiser import Denoiser, append_dims
+from fewstep.errors import FewstepError
+from fewstep.methods import Batch, EMASpec, Method, OptimizerSpec, register
+from fewstep.methods._fake_score import edm_weight
+from fewstep.methods._trajectory import (
+    DISTANCES,
+    STEPPERS,
+    check_option,
+    distance,
+    expand_like,
+    ode_step,
+    sampling_sigmas,
+)
+from fewstep.schedules import karras_sigmas
+from fewstep.students import FlowMapStudent, copy_teacher
+
+
+@dataclass
+class CTMConfig:
+    num_scales: int = 18  # N: Karras grid points (CIFAR-10; ImageNet-64 uses 40)
+    rho: float = 7.0
+    max_heun_steps: int = 17  # n_max (reference: 17 on CIFAR-10, 39 on ImageNet-64)
+    heun_step_strategy: str = "weighted"  # weighted (p(n) ∝ n) | uniform | fixed (always n_max)
+    s_strategy: str = "uniform"  # uniform on [u, sigma_min] | smallest (s = sigma_min)
+    solver: str = "heun"  # teacher solver: heun | euler
+    target_decay: float = 0.999
+    distance: str = "l2"  # l2 | l1 | huber
+    huber_c: float = 0.001
+    dsm_weight: float = 1.0
+    dsm_p_mean: float = -1.2
+    dsm_p_std: float = 1.2
+    gan_weight: float = 0.0  # 0 disables the GAN term
+    gan_start: int = 0  # iteration at which the GAN term starts
+    gan_sigma: float = 0.002  # noise level at which the teacher's features are read
+    d_lr: float = 2e-3
+    gamma: float = 0.0  # gamma-sampling
+    sample_sigmas: tuple[float, ...] = ()  # intermediate levels of few-step sampling (default: Karras)
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "radam"
+    grad_clip: float | None = None
+
+
+@register
+class ConsistencyTrajectoryModel(Method):
+    name = "ctm"
+    family = "trajectory"
+    paper = "2310.02279"
+    title = "Consistency trajectory models: a flow map G(x, t, s) with soft consistency, DSM and GAN terms"
+    needs_data = True
+    Config = CTMConfig
+    default_steps = (1, 2, 4)
+
+    def __init__(self, teacher: Denoiser, config: CTMConfig | None = None, student: nn.Module | None = None) -> None:
+        super().__init__(teacher, config)
+        c = self.config
+        check_option("teacher solver", c.solver, STEPPERS)
+        check_option("distance", c.distance, DISTANCES)
+        check_option("heun_step_strategy", c.heun_step_strategy, ("weighted", "uniform", "fixed"))
+        check_option("s_strategy", c.s_strategy, ("uniform", "smallest"))
+        if not 1 <= c.max_heun_steps <= c.num_scales - 1:
+            raise FewstepError(f"max_heun_steps must lie in [1, num_scales - 1 = {c.num_scales - 1}]")
+        if not 0.0 <= c.gamma <= 1.0:
+            raise FewstepError(f"gamma must lie in [0, 1], got {c.gamma}")
+        self.student = student if student is not None else FlowMapStudent(copy_teacher(teacher, extra_dims=1))
+        self.target = copy.deepcopy(self.student).requires_grad_(False)  # theta^-
+        self.grid = karras_sigmas(c.num_scales, teacher.sigma_min, teacher.sigma_max, c.rho)[:-1]  # descending
+        self.discriminator = self._build_discriminator() if c.gan_weight > 0 else None
+
+    def _build_discriminator(self) -> nn.Module:
+        from fewstep.networks.discriminator import Discriminator, TeacherFeatures
+
+        feats = TeacherFeatures(self.teacher, "multi")
+        return Discriminator(feats, self.teacher.sample_shape, self.teacher.num_classes)
+
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {"student": self.student}
+        if self.discriminator is not None:
+            nets["discriminator"] = self.discriminator
+        return nets
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        c = self.config
+        if self.discriminator is None:
+            return {"student": OptimizerSpec(["student"], c.lr, c.betas, kind=c.optimizer, grad_clip=c.grad_clip)}
+        # the reference alternates generator and discriminator updates (g_learning_period = 2)
+        return {
+            "student": OptimizerSpec(["student"], c.lr, c.betas, kind=c.optimizer, grad_clip=c.grad_clip, every=2),
+            "discriminator": OptimizerSpec(["discriminator"], c.d_lr, (0.5, 0.9), kind="radam", every=2, offset=1),
+        }
+
+    def emas(self) -> dict[str, EMASpec]:
+        return {"target": EMASpec("student", self.config.target_decay)}
+
+    # --- time sampling -------------------------------------------------------------------------
+    def draw_heun_steps(self) -> int:
+        c, n_max = self.config, self.config.max_heun_steps
+        if c.heun_step_strategy == "fixed":
+            return n_max
+        p = torch.arange(1, n_max + 1, dtype=torch.float64)
+        p = p if c.heun_step_strategy == "weighted" else torch.ones_like(p)
+        return int(torch.multinomial(p, 1)) + 1
+
+    def draw_indices(self, batch: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Grid indices ``(t, u, s)`` with ``t < u = t + n <= s <= N - 1`` (0 = sigma_max)."""
+        N = len(self.grid)
+        i_t = torch.randint(0, N - n, (batch,))
+        i_u = i_t + n
+        if self.config.s_strategy == "smallest":
+            return i_t, i_u, torch.full_like(i_t, N - 1)
+        i_s = i_u + (torch.rand(batch) * (N - i_u)).long().clamp_max(N - 1 - i_u)
+        return i_t, i_u, i_s
+
+    # --- losses --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_solve(self, x: Tensor, i_t: Tensor, n: int, cond: Any = None) -> Tensor:
+        """``n`` teacher steps along the grid from index ``i_t`` (per sample) to ``i_t + n``."""
+        grid = self.grid.to(device=x.device, dtype=x.dtype)
+        i_t = i_t.to(x.device)
+        for k in range(n):
+            x = ode_step(self.teacher, x, grid[i_t + k], grid[i_t + k + 1], cond, self.config.solver)
+        return x
+
+    def ctm_loss(self, x0: Tensor, cond: Any, i_t: Tensor, n: int, i_s: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample soft consistency loss (Eq. 9) for grid indices ``t``, ``u = t + n``, ``s``."""
+        grid = self.grid.to(device=x0.device, dtype=x0.dtype)
+        t, u, s = grid[i_t], grid[i_t + n], grid[i_s]
+        eps = torch.full_like(s, self.teacher.sigma_min)
+        x_t = x0 + append_dims(t, x0.ndim) * noise
+        estimate = self.target(self.student(x_t, t, s, cond), s, eps, cond)  # gradient through the student
+        with torch.no_grad():
+            x_u = self.teacher_solve(x_t, i_t, n, cond)
+            target = self.target(self.target(x_u, u, s, cond), s, eps, cond)
+        return distance(estimate, target, self.config.distance, self.config.huber_c)
+
+    def dsm_loss(self, x0: Tensor, cond: Any, sigma: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample EDM-weighted DSM of the student's denoiser ``g(x, sigma, sigma)``."""
+        x = x0 + append_dims(sigma, x0.ndim) * noise
+        err = (self.student.g(x, sigma, sigma, cond) - x0).flatten(1).pow(2).mean(1)
+        return edm_weight(sigma, self.teacher.sigma_data) * err
+
+    def gan_fake(self, x0: Tensor, cond: Any) -> Tensor:
+        """``G_theta(x_t, t, 0)`` from a grid level ``t`` (reference: ``gan_fake_outer_type = no``)."""
+        t = self.grid.to(device=x0.device, dtype=x0.dtype)[torch.randint(0, len(self.grid) - 1, (x0.shape[0],))]
+        x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
+        return self.student(x_t, t, torch.zeros_like(t), cond)
+
+    def _disc(self, x: Tensor, cond: Any) -> Tensor:
+        return self.discriminator(x, expand_like(self.config.gan_sigma, x), cond)
+
+    def _adaptive_weight(self, loss_ctm: Tensor, loss_gan: Tensor) -> Tensor:
+        last = [p for p in self.student.parameters() if p.requires_grad and p.ndim > 1][-1]
+        (g_ctm,) = torch.autograd.grad(loss_ctm, last, retain_graph=True)
+        (g_gan,) = torch.autograd.grad(loss_gan, last, retain_graph=True)
+        return (g_ctm.norm() / (g_gan.norm() + 1e-4)).clamp(0.01, 10.0).detach()
+
+    def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
+        if batch.x is None:
+            raise FewstepError("CTM needs real data for its DSM term; pass a dataset (e.g. --data digits)")
+        c, x0, cond = self.config, batch.x, batch.labels
+        out: dict[str, Tensor] = {}
+        gan_on = self.discriminator is not None and step >= c.gan_start
+        if "student" in due:
+            n = self.draw_heun_steps()
+            i_t, _, i_s = self.draw_indices(x0.shape[0], n)
+            loss_ctm = self.ctm_loss(x0, cond, i_t, n, i_s, torch.randn_like(x0)).mean()
+            loss = loss_ctm
+            if c.dsm_weight > 0:
+                sigma = (torch.randn(x0.shape[0], device=x0.device) * c.dsm_p_std + c.dsm_p_mean).exp()
+                loss = loss + c.dsm_weight * self.dsm_loss(x0, cond, sigma.to(x0.dtype), torch.randn_like(x0)).mean()
+            if gan_on:
+                from fewstep.networks.discriminator import g_loss, no_param_grad
+
+                with no_param_grad(self.discriminator):
+                    loss_gan = g_loss(self._disc(self.gan_fake(x0, cond), cond), "hinge")
+                loss = loss + c.gan_weight * self._adaptive_weight(loss_ctm, loss_gan) * loss_gan
+            out["student"] = loss
+        if "discriminator" in due and self.discriminator is not None:
+            from fewstep.networks.discriminator import d_loss
+
+            with torch.no_grad():
+                fake = self.gan_fake(x0, cond)
+            loss_d = d_loss(self._disc(x0, cond), self._disc(fake, cond), "hinge")
+            out["discriminator"] = loss_d if gan_on else 0.0 * loss_d
+        return out
+
+    # --- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise: Tensor, steps: int = 1, cond: Any = None, gamma: float | None = None) -> Tensor:
+        """gamma-sampling (Algorithm 2) with ``steps`` student evaluations."""
+        gamma = self.config.gamma if gamma is None else gamma
+        sigmas = [*sampling_sigmas(steps, self.teacher.sigma_min, self.teacher.sigma_max, self.config.sample_sigmas)]
+        sigmas.append(0.0)
+        x = noise * sigmas[0]
+        for t, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            s = (1 - gamma**2) ** 0.5 * t_next
+            x = self.student(x, expand_like(t, x), expand_like(s, x), cond)
+            if gamma > 0 and t_next > 0:
+                x = x + gamma * t_next * torch.randn_like(x)
+        return x
