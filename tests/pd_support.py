@@ -61,3 +61,27 @@ def train(method: Method, make_batch, iterations: range, lr: float | None = None
 
 def same(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def tiny_data(n: int = 256, dim: int = 2, num_classes: int = 3, seed: int = 0):
+    from fewstep.data import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g) * 0.5
+    return Dataset(x, torch.randint(num_classes, (n,), generator=g), num_classes, "tiny")
+
+
+def engine_resume_matches(tmp_path, method: str, steps: int, split: int, **options) -> Method:
+    """Run ``method`` through the engine for ``steps`` iterations straight and as ``split`` +
+    resume; assert the two runs end with identical networks and EMA copies; return the first."""
+    from fewstep.train import distill
+
+    common = dict(data=tiny_data(), batch=8, sample_n=0, cpu=True, log_every=1, checkpoint_every=split)
+    teacher = tiny_teacher(dtype=torch.float32)
+    straight = distill(teacher, method, max_steps=steps, out=tmp_path / "a", **common, **options)
+    distill(teacher, method, max_steps=split, out=tmp_path / "b", **common, **options)
+    resumed = distill(teacher, method, max_steps=steps, out=tmp_path / "b", resume=True, **common, **options)
+    names = ["student", *straight.emas()]
+    for name in names:
+        assert same(getattr(straight, name), getattr(resumed, name)), name
+    return straight

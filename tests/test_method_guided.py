@@ -8,7 +8,7 @@ from fewstep.methods import get_method
 from fewstep.methods.guided import GuidedConfig, GuidedDistillation
 from fewstep.methods.progressive import ProgressiveDistillation, subgrid, two_step_target
 from fewstep.solvers import euler
-from pd_support import batch, same, tiny_teacher, train
+from pd_support import batch, engine_resume_matches, same, tiny_teacher, train
 
 
 def _method(**kw):
@@ -89,7 +89,7 @@ def test_frozen_networks_get_no_gradient_in_both_stages():
         m = _method()
         m.losses(batch(), step, {"student"})["student"].backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.student.parameters())
-        for net in (m.teacher, m.student_4, m.student_2, m.student_1):
+        for net in (m.teacher, m.student_4, m.student_2):
             assert all(p.grad is None and not p.requires_grad for p in net.parameters())
 
 
@@ -106,10 +106,10 @@ def test_stages_and_rounds_switch():
 def test_sample_takes_the_guidance_scale():
     m = _method()
     with torch.no_grad():
-        for mlp in m.student_1.net.embed.extra_mlps:
+        for mlp in m.student.net.embed.extra_mlps:
             nn.init.normal_(mlp[-1].weight, std=0.5)
     seen = []
-    m.student_1.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["extra"].clone()), with_kwargs=True)
+    m.student.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["extra"].clone()), with_kwargs=True)
     noise, labels = torch.randn(5, 2, dtype=torch.float64), torch.randint(0, 3, (5,))
     a, b = m.sample(noise, 1, labels, guidance=3.0), m.sample(noise, 1, labels)
     assert torch.equal(seen[0], torch.full((5,), 3.0, dtype=torch.float64)) and (seen[1] == 1.0).all()
@@ -143,3 +143,12 @@ def test_registered_and_bad_input():
         _method(w_min=3.0, w_max=2.0)
     with pytest.raises(FewstepError, match="labelled"):
         _method().losses(batch().__class__(size=2, x=torch.zeros(2, 2)), 0, {"student"})
+
+
+def test_engine_run_resumes_exactly(tmp_path):
+    m = engine_resume_matches(
+        tmp_path, "guided", steps=7, split=3, start_steps=4, stage_one_steps=2, steps_per_round=3, ema_decay=0.0
+    )
+    assert m.schedule.round_of(6) == 1
+    noise, labels = torch.randn(3, 2), torch.randint(0, 3, (3,))
+    assert not torch.equal(m.sample(noise, 1, labels, guidance=1.0), m.sample(noise, 1, labels, guidance=4.0))

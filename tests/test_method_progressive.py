@@ -13,7 +13,7 @@ from fewstep.methods.progressive import (
     x0_target,
 )
 from fewstep.solvers import euler
-from pd_support import batch, same, tiny_teacher, train
+from pd_support import batch, engine_resume_matches, same, tiny_teacher, train
 
 
 def _analytic(mixture):
@@ -67,7 +67,7 @@ def test_frozen_networks_get_no_gradient():
     loss.backward()
     assert all(p.grad is not None for p in m.student.parameters() if p.requires_grad)
     assert any(p.grad.abs().sum() > 0 for p in m.student.parameters())
-    for net in [m.teacher, m.student_2, m.student_1]:
+    for net in [m.teacher, m.student_2]:
         assert all(p.grad is None and not p.requires_grad for p in net.parameters())
     assert m.losses(batch(), 0, set()) == {}
 
@@ -87,15 +87,14 @@ def test_rounds_switch_and_halve_steps():
     train(m, lambda i: batch(seed=i), range(3, 6))  # round 1: teacher := round-0 student, kept
     assert all(torch.equal(a, b) for a, b in zip(frozen4, m.student_4.parameters(), strict=True))
     assert same(m.student_2, m.student) and not same(m.student_4, m.student)
-    train(m, lambda i: batch(seed=i), range(6, 9))
-    assert same(m.student_1, m.student) and not same(m.student_2, m.student)
+    assert not hasattr(m, "student_1")  # the last round's student is the run's student
 
 
 def test_sampler_uses_the_student_of_its_step_count():
     m = _method()
     calls = {}
     for k in (4, 2, 1):
-        net = getattr(m, f"student_{k}")
+        net = getattr(m, f"student_{k}") if k > 1 else m.student
         net.register_forward_hook(lambda *a, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
     noise, labels = torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 3, (6,))
     for k in (4, 2, 1):
@@ -105,7 +104,8 @@ def test_sampler_uses_the_student_of_its_step_count():
     assert torch.equal(m.model_for(8)[1], m.fine) and m.model_for(8)[0] is m.teacher
     # a 1-step sample is one DDIM step from sigma_max to 0: the network's x0 prediction
     sig = torch.full((6,), m.fine[0].item(), dtype=torch.float64)
-    assert torch.allclose(m.sample(noise, 1, labels), m.student_1(noise * m.fine[0], sig, labels))
+    assert torch.allclose(m.sample(noise, 1, labels), m.student(noise * m.fine[0], sig, labels))
+    assert m.model_for(3)[0] is m.student_2 and len(m.model_for(3)[1]) == 4  # 3 steps: the 2-step student
 
 
 def test_short_run_lowers_the_loss():
@@ -131,3 +131,26 @@ def test_registered_and_bad_config():
     with pytest.raises(FewstepError, match="real data"):
         _method().losses(batch().__class__(size=4), 0, {"student"})
     assert RoundSchedule((4, 2, 1), 5, offset=3).round_of(2) == -1
+
+
+def test_lr_anneal_restarts_every_round():
+    m = _method(lr_anneal=True)  # rounds of 3 iterations
+    f = m.optimizers()["student"].lr_schedule
+    assert [f(k) for k in range(12)] == pytest.approx([1, 2 / 3, 1 / 3] * 3 + [0, 0, 0])
+    assert _method().optimizers()["student"].lr_schedule is None
+
+
+def test_engine_run_resumes_exactly_and_keeps_round_students(tmp_path):
+    """Under the engine (ema_decay 0): rounds switch at the configured iterations, resuming
+    mid-round reproduces the straight run, and the round copies are saved and reloaded."""
+    from fewstep.train import load_run
+
+    opts = dict(start_steps=4, steps_per_round=3, ema_decay=0.0)
+    m = engine_resume_matches(tmp_path, "progressive", steps=8, split=4, **opts)
+    assert m.counts == [4, 2, 1] and m.schedule.round_of(7) == 1
+    assert not same(m.student_2, m.student)  # frozen since the end of round 0 (iteration 2)
+    loaded = load_run(tmp_path / "a")
+    assert same(loaded.student_2, m.student_2) and same(loaded.student, m.student)
+    noise, labels = torch.randn(5, 2), torch.randint(0, 3, (5,))
+    for k in (1, 2):
+        assert torch.equal(loaded.sample(noise, k, labels), m.sample(noise, k, labels))

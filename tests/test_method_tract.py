@@ -8,7 +8,7 @@ from fewstep.methods.progressive import x0_target
 from fewstep.methods.tract import TRACT, TRACTConfig, teacher_step
 from fewstep.solvers import euler, heun
 from fewstep.teachers.analytic import GaussianMixture
-from pd_support import batch, same, tiny_teacher, train
+from pd_support import batch, engine_resume_matches, same, tiny_teacher, train
 
 
 def _method(**kw):
@@ -81,7 +81,7 @@ def test_frozen_networks_get_no_gradient():
     m = _method()
     m.losses(batch(), 0, {"student"})["student"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.student.parameters())
-    for net in (m.teacher, m.self_teacher, m.student_2):
+    for net in (m.teacher, m.self_teacher):
         assert all(p.grad is None and not p.requires_grad for p in net.parameters())
 
 
@@ -94,23 +94,23 @@ def test_phases_switch_with_ema_teacher():
     mom = 1e-3 ** (1 / 3)
     assert specs["student_4"].value(0) == 0.0  # the phase's EMA starts as a copy
     assert specs["student_4"].value(2) == pytest.approx(1 - (1 - mom) / (1 - mom**3))
-    assert specs["student_4"].value(3) == 1.0 and specs["student_1"].value(2) == 1.0
+    assert specs["student_4"].value(3) == 1.0 and "student_1" not in specs
     train(m, lambda i: batch(seed=i), range(0, 3))
     assert not same(m.student_4, m.student) and not same(m.self_teacher, m.student)
     kept = [p.clone() for p in m.student_4.parameters()]
     train(m, lambda i: batch(seed=i), range(3, 5))
     assert all(torch.equal(a, b) for a, b in zip(kept, m.student_4.parameters(), strict=True))
-    assert not same(m.student_1, m.teacher)  # phase 1's EMA started
 
 
 def test_sampler_picks_the_distilled_student():
-    m = _method(phases=(8, 2))
+    m = _method(phases=(8, 4, 1))
     noise, labels = torch.randn(4, 2, dtype=torch.float64), torch.randint(0, 3, (4,))
+    picked = {k: m.model_for(k)[0] for k in (1, 2, 4, 8)}
+    assert picked == {1: m.student, 2: m.student, 4: m.student_4, 8: m.teacher}
     for k in (1, 2, 4):
-        assert m.model_for(k)[0] is m.student_2
-        assert len(m.model_for(k)[1]) == k + 1
+        grid = m.model_for(k)[1]
+        assert len(grid) == k + 1 and grid[0] == m.fine[0] and grid[-1] == 0
         assert torch.isfinite(m.sample(noise, k, labels)).all()
-    assert m.model_for(8)[0] is m.teacher
 
 
 def test_short_run_lowers_the_loss():
@@ -132,3 +132,9 @@ def test_registered_and_bad_phases():
     for bad in ((8,), (8, 3), (8, 8, 1), (2, 4)):
         with pytest.raises(FewstepError):
             _method(phases=bad)
+
+
+def test_engine_run_resumes_exactly(tmp_path):
+    """Under the engine: the phase switch, the self-teacher and phase EMAs survive a resume."""
+    m = engine_resume_matches(tmp_path, "tract", steps=8, split=5, phases=(4, 2, 1), steps_per_phase=3)
+    assert m.schedule.round_of(7) == 1 and not same(m.student_2, m.student)

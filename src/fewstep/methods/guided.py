@@ -73,8 +73,8 @@ class GuidedDistillation(ProgressiveDistillation):
     def _offset(self) -> int:
         return self.config.stage_one_steps
 
-    def _trained_counts(self) -> list[int]:
-        return self.counts
+    def _kept_counts(self) -> list[int]:
+        return self.counts[:-1]
 
     def round_teacher(self, r: int) -> nn.Module:
         return getattr(self, f"student_{self.schedule.teacher_steps(r)}")

@@ -21,15 +21,19 @@ teacher's grid); a ``k``-step model uses every ``start_steps/k``-th point of it,
 student step spans exactly two teacher steps.
 
 Rounds are scheduled by iteration (``steps_per_round``), so every piece of state follows from the
-iteration number plus the networks the engine checkpoints: each round's student is kept as an EMA
-copy ``student_<k>`` (decay 0 — an exact copy of the live student — during the round that trains
-the ``k``-step student, decay 1 otherwise). Round ``r``'s teacher is the previous round's copy, so
-"teacher := student" happens at the boundary without an engine hook, and every round's student
-stays evaluable: ``sample(noise, steps=k)`` uses the student trained for ``k`` steps.
+iteration number plus the networks the engine checkpoints: each round's student but the last is
+kept as an EMA copy ``student_<k>`` (decay 0 — an exact copy of the live student — during the
+round that trains the ``k``-step student, decay 1 otherwise). Round ``r``'s teacher is the previous
+round's copy, so "teacher := student" happens at the boundary without an engine hook. Every
+round's student stays evaluable: ``sample(noise, steps=k)`` uses the student trained for ``k``
+steps — the kept copy, or for the last round the run's ``student`` (which holds the engine's
+evaluation EMA when sampling; the paper uses no EMA, so run with ``ema_decay=0`` or make the last
+round long enough that the EMA forgets the earlier rounds).
 
-Deviations: the paper trains each round with a fresh optimizer and a linearly annealed learning
-rate (lr 5e-5 on CIFAR-10, 1e-4 on ImageNet-64, 50k updates per round); here one Adam runs through
-all rounds at a constant rate (the engine owns optimizers). The paper's networks predict x (or
+Deviations: the paper trains each round with a fresh optimizer whose learning rate decays linearly
+(lr 5e-5 on CIFAR-10, 1e-4 on ImageNet-64, 50k updates per round); here one Adam runs through all
+rounds (the engine owns optimizers), at a constant rate unless ``lr_anneal`` (the paper's decay,
+off by default because the last round has no fixed end). The paper's networks predict x (or
 "both"/v); here the student is the teacher's EDM-preconditioned x0-predictor.
 """
 
@@ -157,6 +161,21 @@ class RoundEMA:
         return 0.0 if m == 0 else 1.0 - (1.0 - m) / (1.0 - m ** (n + 1))
 
 
+class RoundAnneal:
+    """Learning-rate multiplier annealed linearly to 0 over each round (Salimans & Ho 2022,
+    Sec. 5 / Appendix: "learning rate ... linearly annealed" within every halving); it stays at 0
+    past the last round's nominal end. Input: the optimizer's step count (= the iteration)."""
+
+    def __init__(self, schedule: RoundSchedule) -> None:
+        self.schedule = schedule
+
+    def __call__(self, k: int) -> float:
+        s, r = self.schedule, self.schedule.round_of(k)
+        if r < 0:
+            return 1.0
+        return max(1.0 - (k - s.start(r)) / s.steps_per_round, 0.0)
+
+
 def frozen_copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).eval().requires_grad_(False)
 
@@ -172,6 +191,7 @@ class ProgressiveConfig:
     lr: float = 1e-4  # paper: 5e-5 (CIFAR-10), 1e-4 (ImageNet-64)
     weighting: str = "snr_trunc"  # max(SNR, 1)
     grad_clip: float | None = None
+    lr_anneal: bool = False  # paper: linear decay to 0 within each round
     rho: float = 7.0
 
 
@@ -193,15 +213,15 @@ class ProgressiveDistillation(Method):
         self.schedule = RoundSchedule(tuple(self.counts), c.steps_per_round, self._offset())
         self.fine = karras_sigmas(c.start_steps, teacher.sigma_min, teacher.sigma_max, c.rho)
         self.student = copy_teacher(teacher, extra_dims=extra_dims)
-        for k in self._trained_counts():
+        for k in self._kept_counts():
             setattr(self, f"student_{k}", frozen_copy(self.student))
 
     def _offset(self) -> int:
         return 0
 
-    def _trained_counts(self) -> list[int]:
-        """Step counts with a kept student: each round's output."""
-        return self.counts[1:]
+    def _kept_counts(self) -> list[int]:
+        """Step counts with a kept copy: each round's output but the last (the live student)."""
+        return self.counts[1:-1]
 
     def _copy_round(self, k: int) -> int:
         """The round whose live student is copied into ``student_<k>``."""
@@ -212,12 +232,14 @@ class ProgressiveDistillation(Method):
         return {"student": self.student}
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
-        return {"student": OptimizerSpec(["student"], lr=self.config.lr, grad_clip=self.config.grad_clip)}
+        c = self.config
+        anneal = RoundAnneal(self.schedule) if c.lr_anneal else None
+        return {"student": OptimizerSpec(["student"], lr=c.lr, grad_clip=c.grad_clip, lr_schedule=anneal)}
 
     def emas(self) -> dict[str, EMASpec]:
         return {
             f"student_{k}": EMASpec("student", RoundEMA(self.schedule, self._copy_round(k)))
-            for k in self._trained_counts()
+            for k in self._kept_counts()
         }
 
     # --- maths --------------------------------------------------------------------------------
@@ -254,7 +276,7 @@ class ProgressiveDistillation(Method):
 
     def model_for(self, steps: int) -> tuple[nn.Module, Tensor]:
         """The kept student serving ``steps`` and its sampling grid (see :func:`kept_student`)."""
-        return kept_student(self, self.fine, self._trained_counts(), steps, self.config.rho)
+        return kept_student(self, self.fine, self._kept_counts(), self.counts[-1], steps, self.config.rho)
 
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
@@ -263,10 +285,14 @@ class ProgressiveDistillation(Method):
         return ddim_sample(lambda x, s: net(x, s, cond), noise, grid)
 
 
-def kept_student(method: Method, fine: Tensor, trained: list[int], steps: int, rho: float) -> tuple[nn.Module, Tensor]:
-    """``method.student_<k>`` for the ``k`` of :func:`pick_steps` (the teacher when ``steps`` reaches
-    the fine grid's count), and the ``steps``-step grid: a subgrid of ``fine`` when ``steps``
-    divides its count, else a Karras grid."""
+def kept_student(
+    method: Method, fine: Tensor, kept: list[int], final: int, steps: int, rho: float
+) -> tuple[nn.Module, Tensor]:
+    """The network serving ``steps`` and its ``steps``-step grid (a subgrid of ``fine`` when
+    ``steps`` divides its count, else a Karras grid). Of the trained counts ``kept + [final]`` it
+    picks one by :func:`pick_steps`: ``final`` is ``method.student`` — the run's student, holding
+    the engine's evaluation EMA at sampling time — the others the copies ``method.student_<k>``;
+    from the fine grid's count up, the teacher."""
     n, teacher = len(fine) - 1, method.teacher
     if n % steps == 0:
         grid = subgrid(fine, steps)
@@ -274,7 +300,8 @@ def kept_student(method: Method, fine: Tensor, trained: list[int], steps: int, r
         grid = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, rho)
     if steps >= n:
         return teacher, grid
-    return getattr(method, f"student_{pick_steps(trained, steps)}"), grid
+    k = pick_steps([*kept, final], steps)
+    return (method.student if k == final else getattr(method, f"student_{k}")), grid
 
 
 @torch.no_grad()

@@ -17,8 +17,11 @@ Eq. 5-7, the "transitive closure"):
 
 Phases are scheduled by iteration (``steps_per_phase``). At a phase change the teacher becomes the
 evaluation EMA of the student (``ema_residual`` = 1e-3 left of the phase's start weights at its end,
-bias-corrected, as the reference's ``ModuleEMA``); that EMA is kept per phase as ``student_<k>`` and
-is what ``sample(noise, steps=k)`` uses.
+bias-corrected, as the reference's ``ModuleEMA``), kept per phase as ``student_<k>``; the last
+phase's student is the run's ``student`` (with the engine's evaluation EMA). ``sample(noise,
+steps=k)`` uses the student trained for ``k`` steps, else the most distilled one trained for fewer
+(a 1-step TRACT student maps every fine-grid point to its segment's end, so it also samples on
+finer grids).
 
 Deviations: the EDM reference weights the loss as EDM does (unit weight on the raw network
 output), the DDPM reference by ``max(SNR, 1)``; the latter is the default (``weighting="edm"``
@@ -103,7 +106,7 @@ class TRACT(Method):
         self.fine = karras_sigmas(ph[0], teacher.sigma_min, teacher.sigma_max, c.rho)  # (T+1,) to 0
         self.student = copy_teacher(teacher)
         self.self_teacher = frozen_copy(self.student)
-        for k in ph[1:]:
+        for k in ph[1:-1]:  # the last phase's student is the run's student
             setattr(self, f"student_{k}", frozen_copy(self.student))
 
     def networks(self) -> dict[str, nn.Module]:
@@ -116,7 +119,7 @@ class TRACT(Method):
         c = self.config
         momentum = c.ema_residual ** (1 / c.steps_per_phase)
         out = {"self_teacher": EMASpec("student", c.sema)}
-        for p, k in enumerate(self.phases[1:]):
+        for p, k in enumerate(self.phases[1:-1]):
             out[f"student_{k}"] = EMASpec("student", RoundEMA(self.schedule, p, momentum))
         return out
 
@@ -164,7 +167,8 @@ class TRACT(Method):
         return {"student": weighted_mse(self.student(x, s0, batch.labels), target, w)}
 
     def model_for(self, steps: int) -> tuple[nn.Module, Tensor]:
-        return kept_student(self, self.fine, list(self.phases[1:]), steps, self.config.rho)
+        ph = self.phases
+        return kept_student(self, self.fine, list(ph[1:-1]), ph[-1], steps, self.config.rho)
 
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
