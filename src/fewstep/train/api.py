@@ -14,7 +14,17 @@ from fewstep.data import Dataset
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
-from fewstep.train.config import RESUMABLE, Sources, TrainConfig, build, build_train_config, split_options, to_json
+from fewstep.train.config import (
+    RESUMABLE,
+    Sources,
+    TrainConfig,
+    build,
+    build_train_config,
+    coerce,
+    field_types,
+    split_options,
+    to_json,
+)
 from fewstep.train.rundir import (
     RUN_FORMAT,
     check_out_dir,
@@ -87,15 +97,10 @@ def plan_run(
     if not name:
         raise FewstepError("give a method (--method NAME; `fewstep methods` lists them)")
     method_cls = get_method(str(name))
-    fields = (
-        {f.name for f in dataclasses.fields(method_cls.Config)}
-        if dataclasses.is_dataclass(method_cls.Config)
-        else set()
-    )
-    engine_opts, method_opts = split_options(sources, fields)
+    engine_opts, method_opts = split_options(sources, _fields(method_cls.Config))
     if teacher is not None:
         engine_opts["teacher"] = engine_opts.get("teacher") or ""
-    elif not engine_opts.get("teacher"):
+    elif not resume and not engine_opts.get("teacher"):
         raise FewstepError("give a teacher (--teacher builtin:digits, analytic:gaussians8 or a model folder)")
     cfg = build_train_config(engine_opts)
     options = build(method_cls.Config, method_opts, f"method {method_cls.name}")
@@ -106,33 +111,45 @@ def plan_run(
 
 
 def _resume_sources(out: Path, sources: Sources) -> Sources:
-    """A resumed run keeps its saved configuration; only budget/bookkeeping options may change."""
+    """A resumed run keeps its saved configuration: options that steer the budget or bookkeeping
+    (:data:`~fewstep.train.config.RESUMABLE`) may change, any other given option must equal the
+    saved value (one-line error otherwise)."""
+    from fewstep.methods import get_method
+
     saved = read_run_config(out)
     train, method = dict(saved["train"]), saved["method"]
     given = {**sources.file, **{k: v for k, v in sources.flags.items() if v is not None}}
-    for key, value in given.items():
-        if key == "options" or key in RESUMABLE:
+    if given.get("method", method["name"]) != method["name"]:
+        raise FewstepError(f"{out} is a {method['name']!r} run; --resume cannot switch it to {given['method']!r}")
+    if given.get("teacher", "") not in ("", saved["teacher"].get("spec")):
+        raise FewstepError(
+            f"{out} was trained from teacher {saved['teacher'].get('spec')!r}; --resume cannot change it"
+        )
+    cls = get_method(method["name"])
+    engine, options = split_options(Sources(given, {}, sources.sets), _fields(cls.Config))
+    engine_types = field_types(TrainConfig)
+    budget = {}
+    for key, value in engine.items():
+        if key in ("method", "teacher"):
             continue
-        if key == "method" and value != method["name"]:
-            raise FewstepError(f"{out} is a {method['name']!r} run; --resume cannot switch it to {value!r}")
-        if key == "teacher" and value not in ("", saved["teacher"].get("spec")):
-            raise FewstepError(
-                f"{out} was trained from teacher {saved['teacher'].get('spec')!r}; --resume cannot change it"
-            )
-        if key not in ("method", "teacher") and train.get(key) != value:
-            raise FewstepError(
-                f"{out} was made with {key}={train.get(key)!r}; --resume cannot change it (start a new run)"
-            )
-    for key in sources.sets:
-        bare = key.split(".", 1)[-1]
-        if bare not in RESUMABLE:
-            raise FewstepError(f"--set {key}: --resume can change only {', '.join(sorted(RESUMABLE))}")
-    budget = {k: v for k, v in given.items() if k in RESUMABLE}
+        if key not in engine_types:
+            raise FewstepError(f"unknown option {key!r} for the engine; valid options: {', '.join(engine_types)}")
+        value = coerce(value, engine_types[key], key)
+        if key in RESUMABLE:
+            budget[key] = value
+        elif value != train.get(key):
+            raise FewstepError(f"{out} was made with {key}={train.get(key)!r}; --resume cannot change it to {value!r}")
+    saved_options = to_json(build(cls.Config, method["options"], f"method {cls.name}"))
+    for key, value in to_json(build(cls.Config, options, f"method {cls.name}")).items():
+        if key in options and value != saved_options[key]:
+            raise FewstepError(f"{out} was made with {key}={saved_options[key]!r}; --resume cannot change it")
     if "minutes" in budget and "max_steps" not in budget:
         budget["max_steps"] = None
-    return Sources(
-        file={**train, "options": method["options"], "method": method["name"]}, flags=budget, sets=sources.sets
-    )
+    return Sources(file={**train, **budget, "options": method["options"], "method": method["name"]})
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
 def _resume_teacher(out: Path) -> Denoiser:
@@ -329,28 +346,22 @@ def distill(
         >>> m = distill("analytic:gaussians8", "denoise", max_steps=100, out="runs/demo")  # doctest: +SKIP
     """
     engine_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    flags = {k: v for k, v in kwargs.items() if k in engine_fields}
+    engine = {k: v for k, v in kwargs.items() if k in engine_fields}
     method_opts = {**(options or {}), **{k: v for k, v in kwargs.items() if k not in engine_fields}}
-    flags["method"] = method
-    if max_steps is not None:
-        flags["max_steps"] = max_steps
-    elif flags.get("minutes") is not None and not resume:
-        flags["max_steps"] = None
+    engine["method"] = method
+    if max_steps is not None or engine.get("minutes") is not None:
+        engine["max_steps"] = max_steps
     obj_teacher = teacher if isinstance(teacher, Denoiser) else None
     if obj_teacher is None:
-        flags["teacher"] = str(teacher)
+        engine["teacher"] = str(teacher)
     obj_data = data if isinstance(data, Dataset) else None
     if isinstance(data, str):
-        flags["data"] = data
-    if resume:  # a resumed run takes budget options only; keep the rest as saved
-        flags = {k: v for k, v in flags.items() if k in ("method", "max_steps", "minutes") or k in kwargs}
-        if obj_teacher is None:
-            flags["teacher"] = str(teacher)
+        engine["data"] = data
     if out is None:
         if resume:
             raise FewstepError("resume=True needs the run's out= folder")
         out = tempfile.mkdtemp(prefix="fewstep-run-")
-    sources = Sources(file={"options": method_opts} if method_opts else {}, flags=flags)
+    sources = Sources(file={**engine, "options": method_opts} if method_opts else engine)
     plan = plan_run(sources, out, teacher=obj_teacher, data=obj_data, resume=resume, overwrite=overwrite)
     if resume and obj_teacher is not None:
         plan.teacher = obj_teacher
