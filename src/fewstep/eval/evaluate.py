@@ -1,0 +1,232 @@
+"""Measure samplers of one teacher on one protocol: quality, fidelity and speed, in one run.
+
+:class:`Evaluator` holds what every sampler is compared against — the reference features of the
+real data (cached), the teacher's high-accuracy ODE answers for the fidelity seeds, the feature
+extractor — and :meth:`Evaluator.measure` gives one table row per sampler. Repeat ``r`` of
+``repeats`` uses seeds ``[r n, (r + 1) n)``; quality numbers are mean and std over repeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError
+from fewstep.eval.features import ClassifierFeatures, RawFeatures, get_extractor
+from fewstep.eval.metrics import (
+    MIN_FID_SAMPLES,
+    FeatureStats,
+    fid,
+    kid,
+    mixture_metrics,
+    precision_recall,
+    sliced_wasserstein,
+)
+from fewstep.eval.reference import cache_dir, reference_features
+from fewstep.eval.sampling import Sampler, generate, reference_answers, rmse, teacher_sampler
+from fewstep.eval.speed import measure_speed
+from fewstep.teachers.analytic import GaussianMixture
+
+BASELINE_SOLVERS = ("euler", "heun", "dpmpp_2m")
+BASELINE_NFE = (1, 2, 4, 8, 16, 35)
+
+
+@dataclass
+class EvalSettings:
+    """The protocol (docs/benchmarks.md): defaults are BENCHMARK.md's."""
+
+    n: int = 10000
+    repeats: int = 3
+    features: str = "auto"
+    feature_weights: str | None = None
+    data: str | None = None  # reference data spec; default: what the teacher was trained on
+    fidelity_n: int = 1000
+    teacher_solver: str = "heun"
+    teacher_nfe: int = 35
+    baseline_solvers: tuple[str, ...] = BASELINE_SOLVERS
+    baseline_nfe: tuple[int, ...] = BASELINE_NFE
+    batch: int = 500
+    kid_subsets: int = 100
+    speed_batch: int = 256
+    speed_repeats: int = 5
+    min_samples: int = MIN_FID_SAMPLES
+    cache: bool = True
+
+    def check(self) -> None:
+        if self.n < self.min_samples:
+            raise FewstepError(
+                f"--n {self.n} is too few samples for a stable FID (minimum {self.min_samples}; "
+                "the protocol uses 10000); raise --n"
+            )
+        if self.repeats < 1:
+            raise FewstepError(f"--seeds must be >= 1, got {self.repeats}")
+        if self.fidelity_n < 1:
+            raise FewstepError(f"--fidelity-n must be >= 1, got {self.fidelity_n}")
+
+
+@dataclass
+class Row:
+    """One sampler's measurements; ``None`` where a metric does not apply."""
+
+    name: str
+    kind: str
+    nfe: int
+    fid: float | None = None
+    fid_std: float | None = None
+    kid: float | None = None
+    kid_std: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    fidelity: float | None = None
+    label_acc: float | None = None
+    swd: float | None = None
+    extra: dict = field(default_factory=dict)
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mean_std(v: list[float]) -> tuple[float, float]:
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def model_digest(model: Denoiser) -> str:
+    """A short hash of a model's weights and buffers (keys cached teacher rows)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Evaluator:
+    """Everything samplers of ``teacher`` are compared against, built once per run."""
+
+    def __init__(self, teacher: Denoiser, settings: EvalSettings) -> None:
+        settings.check()
+        self.teacher, self.s = teacher, settings
+        self.shape, self.classes = tuple(teacher.sample_shape), teacher.num_classes
+        self.analytic = isinstance(teacher, GaussianMixture)
+        self.extractor = get_extractor(settings.features, self.shape, settings.feature_weights)
+        self.data = settings.data or getattr(teacher, "info", {}).get("trained_on")
+        if self.data is None and not self.analytic:
+            raise FewstepError("cannot tell which data this teacher learned; pass --data (e.g. digits:train)")
+        self.ref_x = self._reference_samples()
+        if self.ref_x is not None:
+            self.ref = self.extractor.features(self.ref_x)
+        else:
+            self.ref = reference_features(self.extractor, self.data, cache=settings.cache)
+        self.ref_stats = FeatureStats.of(self.ref)
+        self.fidelity_seeds = list(range(min(settings.fidelity_n, settings.n)))
+        self._answers: Tensor | None = None
+        self.key = f"{model_digest(teacher)}-{self.extractor.name}-{self.data}-n{settings.n}x{settings.repeats}"
+
+    def _reference_samples(self) -> Tensor | None:
+        """Real samples when they are not a cached data set: exact mixture samples, 2-D data."""
+        if self.analytic and self.s.data is None:
+            g = torch.Generator().manual_seed(1 << 30)  # a stream apart from the generation seeds
+            return self.teacher.sample(max(self.s.n, 2 * self.s.min_samples), generator=g).float()
+        if isinstance(self.extractor, RawFeatures):
+            from fewstep.data import load_dataset
+
+            return load_dataset(self.data).x
+        return None
+
+    def answers(self) -> Tensor:
+        """The teacher's high-accuracy ODE answers on the fidelity seeds (computed once)."""
+        if self._answers is None:
+            self._answers = reference_answers(self.teacher, self.fidelity_seeds, self.s.batch)
+        return self._answers
+
+    def measure(self, sampler: Sampler, fidelity: bool = True) -> Row:
+        """Quality of ``sampler`` over ``repeats`` disjoint seed ranges, plus its fidelity."""
+        s = self.s
+        fids, kids, precs, recs, accs, swds, extras = [], [], [], [], [], [], []
+        row = Row(sampler.name, sampler.kind, sampler.nfe)
+        for r in range(s.repeats):
+            x, y = generate(sampler, range(r * s.n, (r + 1) * s.n), self.shape, self.classes, s.batch)
+            f = self.extractor.features(x)
+            fids.append(fid(self.ref_stats, f, s.min_samples))
+            kids.append(kid(self.ref, f, subsets=s.kid_subsets, seed=r)[0])
+            p, rc = precision_recall(self.ref, f)
+            precs.append(p)
+            recs.append(rc)
+            if isinstance(self.extractor, ClassifierFeatures) and y is not None:
+                accs.append(float((self.extractor.predict(x) == y).double().mean()))
+            if self.ref_x is not None and len(self.shape) == 1:
+                swds.append(sliced_wasserstein(x, self.ref_x, seed=r))
+            if self.analytic:
+                extras.append(mixture_metrics(self.teacher, x, y))
+            if r == 0 and fidelity:
+                row.fidelity = rmse(x[: len(self.fidelity_seeds)], self.answers())
+        row.fid, row.fid_std = _mean_std(fids)
+        row.kid, row.kid_std = _mean_std(kids)
+        row.precision, row.recall = statistics.fmean(precs), statistics.fmean(recs)
+        row.label_acc = statistics.fmean(accs) if accs else None
+        row.swd = statistics.fmean(swds) if swds else None
+        if extras:
+            row.extra = {k: statistics.fmean(e[k] for e in extras) for k in ("loglik", "modes_covered", "mass_tv")}
+            row.extra["modes"] = extras[0]["modes"]
+        return row
+
+    # --- teacher rows, cached across runs (generation is deterministic given the seeds) --------
+    def _cache_path(self) -> Path:
+        safe = hashlib.sha256(self.key.encode()).hexdigest()[:20]
+        return cache_dir() / "teacher-rows" / f"{safe}.json"
+
+    def teacher_rows(self, solvers: tuple[tuple[str, int], ...], progress=print) -> list[Row]:
+        """Rows of the teacher with ``(solver, nfe)`` pairs (duplicates by actual NFE dropped),
+        read from the cache when this exact protocol was measured before."""
+        from fewstep.io import atomic_write_json, read_json
+
+        path = self._cache_path()
+        cached = read_json(path) if (self.s.cache and path.is_file()) else {}
+        rows, seen = [], set()
+        for solver, nfe in solvers:
+            sampler = teacher_sampler(self.teacher, solver, nfe)
+            if (solver, sampler.nfe) in seen:
+                continue
+            seen.add((solver, sampler.nfe))
+            k = f"{solver}@{sampler.nfe}"
+            if k in cached:
+                row = Row(**cached[k])
+                row.cached = True
+            else:
+                progress(f"measuring teacher {sampler.label}")
+                row = self.measure(sampler)
+                cached[k] = row.to_dict()
+                if self.s.cache:
+                    atomic_write_json(path, cached)
+            rows.append(row)
+        return rows
+
+    def speed(self, sampler: Sampler) -> dict:
+        sp = measure_speed(sampler, self.shape, self.classes, self.s.speed_batch, self.s.speed_repeats)
+        return {"name": sampler.name, "kind": sampler.kind, **sp.to_dict()}
+
+    def floor(self, holdout: str | None = None) -> dict | None:
+        """FID of held-out real data against the reference (the best a perfect model can score at
+        that sample count): ``digits:test`` for ``digits:train``."""
+        holdout = holdout or ({"digits:train": "digits:test", "digits": "digits:test"}.get(self.data or ""))
+        if holdout is None:
+            return None
+        f = reference_features(self.extractor, holdout, cache=self.s.cache)
+        p, r = precision_recall(self.ref, f)
+        return {"data": holdout, "n": f.shape[0], "fid": fid(self.ref_stats, f, min_samples=min(100, f.shape[0])),
+                "kid": kid(self.ref, f, subsets=self.s.kid_subsets)[0], "precision": p, "recall": r}  # fmt: skip
+
+    def describe(self) -> dict:
+        d = {"features": self.extractor.name, "feature_dim": self.extractor.dim, "reference": self.data or "exact",
+             "reference_n": self.ref_stats.n, **asdict(self.s)}  # fmt: skip
+        rec = getattr(self.extractor, "record", None)
+        if rec:
+            d["classifier_test_accuracy"] = rec.get("test_accuracy")
+        return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,58 @@
+"""Reference features of real data, cached as safetensors files.
+
+The features of a data set under an extractor are computed once and kept in
+``$FEWSTEP_CACHE/reference/`` (default ``~/.cache/fewstep/reference/``), keyed by the extractor's
+name (which carries a hash of its weights) and the data spec (an image folder's key also hashes
+its file names, sizes and modification times). FID statistics, KID and precision/recall all read
+the cached features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from torch import Tensor
+
+from fewstep.eval.features import Features
+from fewstep.io import load_tensors, save_tensors
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
+
+
+def _data_key(spec: str) -> str:
+    path = Path(spec)
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_")[-60:]
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        tag += "-" + h.hexdigest()[:12]
+    return tag
+
+
+def reference_features(
+    extractor: Features,
+    data: str,
+    resolution: int | None = None,
+    channels: int | None = None,
+    cache: bool = True,
+) -> Tensor:
+    """``(N, D)`` features of the data set ``data`` (a :func:`fewstep.data.load_dataset` spec)."""
+    from fewstep.data import load_dataset
+
+    key = f"{extractor.name}__{_data_key(data)}" + (f"_r{resolution}" if resolution else "")
+    path = cache_dir() / "reference" / f"{key}.safetensors"
+    if cache and path.is_file():
+        return load_tensors(path)["features"]
+    x = load_dataset(data, resolution, channels).x
+    f = extractor.features(x)
+    if cache:
+        save_tensors(path, {"features": f}, metadata={"data": data, "extractor": extractor.name})
+    return f
