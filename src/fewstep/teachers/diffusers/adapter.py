@@ -84,8 +84,8 @@ class Formulation:
         if self.kind == "vp":
             a = vp_scale(sigma)
             return a, sigma * a, sigma_to_timestep(sigma, self.alphas_cumprod.to(sigma.device))
-        t = sigma_to_flow_t(sigma)
-        return 1 - t, t, t * self.num_train_timesteps
+        a = 1 / (1 + sigma)  # = 1 - t, without the cancellation of 1 - t near t = 1
+        return a, sigma * a, sigma_to_flow_t(sigma) * self.num_train_timesteps
 
     def training_sigma_range(self, scheduler: Any) -> tuple[float, float]:
         if self.kind == "vp":
@@ -113,6 +113,8 @@ class DiffusersDenoiser(Denoiser):
         sigma_data: data standard deviation (default 0.5 for pixels in [-1, 1], 1.0 for latents).
         sigma_max: largest noise level fewstep samples from (default: the last training timestep;
             for flow models ``t = 1 - 1/num_train_timesteps``).
+        guidance_input: accept a network that embeds the guidance scale (``time_cond_proj_dim``;
+            students built by :class:`~fewstep.teachers.diffusers.students.LCMStudent`).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class DiffusersDenoiser(Denoiser):
         uncond: TextConditioning | None = None,
         sigma_data: float | None = None,
         sigma_max: float | None = None,
+        guidance_input: bool = False,
     ) -> None:
         super().__init__()
         kind = type(model).__name__
@@ -134,7 +137,7 @@ class DiffusersDenoiser(Denoiser):
         self.formulation = Formulation.from_scheduler(scheduler)
         self.uncond = uncond
         cfg = _cfg(model)
-        self.conditioning, self.cond_spec = self._conditioning_of(kind, cfg)
+        self.conditioning, self.cond_spec = self._conditioning_of(kind, cfg, guidance_input)
         self.num_classes = 0
         if self.conditioning == "labels":
             self.num_classes = cfg["num_class_embeds"] - 1 if null_class else cfg["num_class_embeds"]
@@ -148,7 +151,7 @@ class DiffusersDenoiser(Denoiser):
 
     # --- conditioning ----------------------------------------------------------------------------
     @staticmethod
-    def _conditioning_of(kind: str, cfg: dict) -> tuple[str, dict]:
+    def _conditioning_of(kind: str, cfg: dict, guidance_input: bool) -> tuple[str, dict]:
         if kind == "UNet2DModel":
             if cfg.get("class_embed_type") is not None:
                 raise FewstepError(
@@ -161,7 +164,7 @@ class DiffusersDenoiser(Denoiser):
         for key in ("num_class_embeds", "class_embed_type", "encoder_hid_dim_type"):
             if cfg.get(key) is not None:
                 raise FewstepError(f"UNet2DConditionModel with {key} set is not supported; use a text-only UNet")
-        if cfg.get("time_cond_proj_dim") is not None:
+        if cfg.get("time_cond_proj_dim") is not None and not guidance_input:
             raise FewstepError(
                 "this UNet2DConditionModel embeds a guidance scale (time_cond_proj_dim, an LCM student); "
                 "distill from its base model instead"
@@ -268,20 +271,21 @@ class DiffusersDenoiser(Denoiser):
             raise FewstepError("guidance needs a model with a null class (num_class_embeds = classes + 1)")
         return CFGDenoiser(self, scale)
 
-    def scheduler_sigmas(self, steps: int, **set_timesteps_kwargs: Any) -> Tensor:
-        """The noise levels the diffusers scheduler visits in ``steps`` steps, in sigma-space and
-        ending in 0 (a flow grid's ``t = 1`` becomes ``sigma_max``)."""
-        sched = type(self.scheduler).from_config(self.scheduler.config)
+    def scheduler_sigmas(self, steps: int, scheduler: Any = None, **set_timesteps_kwargs: Any) -> Tensor:
+        """The noise levels a diffusers scheduler (default: this teacher's) visits in ``steps``
+        steps, in sigma-space and ending in 0. A flow grid's ``t = 1`` becomes ``sigma_max``."""
+        base = scheduler if scheduler is not None else self.scheduler
+        sched = type(base).from_config(base.config)
         sched.set_timesteps(steps, **set_timesteps_kwargs)
         if self.formulation.kind == "flow":
             t = sched.sigmas.to(torch.float64)
             sig = flow_t_to_sigma(t.clamp(max=1 - 1e-12))
             return torch.where(t >= 1, torch.full_like(t, self.sigma_max), sig)
-        ts = sched.timesteps.long()
-        sig = vp_sigmas(self.formulation.alphas_cumprod)[ts]
-        last = (
-            0.0 if sched.config.get("set_alpha_to_one", True) else float(vp_sigmas(self.formulation.alphas_cumprod)[0])
-        )
+        if isinstance(getattr(sched, "sigmas", None), Tensor) and len(sched.sigmas) == steps + 1:
+            return sched.sigmas.to(torch.float64)  # Euler-type schedulers keep sigma-space levels
+        vp = vp_sigmas(self.formulation.alphas_cumprod)
+        sig = vp[sched.timesteps.long()]
+        last = 0.0 if sched.config.get("set_alpha_to_one", True) else float(vp[0])
         return torch.cat([sig, sig.new_tensor([last])])
 
     def start(self, noise: Tensor, sigma: float | Tensor) -> Tensor:
