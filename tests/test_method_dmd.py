@@ -146,3 +146,22 @@ def test_short_run_lowers_the_teacher_nll(tmp_path, reg_weight):
     before = nll(m, teacher)
     run(m, 300, seed=0)
     assert nll(m, teacher) < 0.2 * before
+
+
+def test_fewstep_distill_dmd_with_pairs(tmp_path, capsys):
+    from engine_helpers import tiny_teacher
+
+    from fewstep.cli import main
+    from fewstep.teachers.native import save_model
+    from fewstep.train import load_run
+
+    teacher_dir = str(save_model(tiny_teacher(), tmp_path / "teacher"))
+    pairs = str(tmp_path / "pairs")
+    assert main(["pairs", "--teacher", teacher_dir, "--n", "32", "--steps", "4", "--out", pairs, "--quiet"]) == 0
+    out = tmp_path / "run"
+    rc = main(["distill", "--teacher", teacher_dir, "--method", "dmd", "--out", str(out), "--max-steps", "4",
+               "--batch", "8", "--set", f"pairs={pairs}", "--set", "fake_updates=2", "--set", "sample_n=0",
+               "--set", "cpu=true"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    m = load_run(out)
+    assert m.sample(torch.randn(3, 2), 1, torch.tensor([0, 1, 1])).shape == (3, 2)

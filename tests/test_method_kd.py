@@ -94,7 +94,26 @@ def test_kd_on_an_edm_teacher_copies_it_and_checks_the_pairs(tmp_path):
         KD(teacher, KD.Config(pairs=str(tmp_path / "p"), loss="lpips"))
     other = build_model("mlp", {**net, "dim": 3}, {**den, "sample_shape": [3]}).eval()
     with pytest.raises(FewstepError, match="do not fit"):
-        KD(other, KD.Config(pairs=str(tmp_path / "p")))
+        KD(other, KD.Config(pairs=str(tmp_path / "p"))).losses(Batch(size=2), 0, {"student"})
     retrained = build_model("mlp", net, den).eval()  # same shape, other weights
     with pytest.raises(FewstepError, match="another teacher"):
-        KD(retrained, KD.Config(pairs=str(tmp_path / "p")))
+        KD(retrained, KD.Config(pairs=str(tmp_path / "p"))).losses(Batch(size=2), 0, {"student"})
+
+
+def test_fewstep_pairs_then_distill_kd_and_load_run(tmp_path, capsys):
+    from engine_helpers import tiny_teacher
+
+    from fewstep.cli import main
+    from fewstep.teachers.native import save_model
+    from fewstep.train import load_run
+
+    teacher_dir = str(save_model(tiny_teacher(), tmp_path / "teacher"))
+    pairs = str(tmp_path / "pairs")
+    assert main(["pairs", "--teacher", teacher_dir, "--n", "32", "--steps", "4", "--out", pairs, "--quiet"]) == 0
+    out = tmp_path / "run"
+    rc = main(["distill", "--teacher", teacher_dir, "--method", "kd", "--out", str(out), "--max-steps", "4",
+               "--batch", "8", "--set", f"pairs={pairs}", "--set", "sample_n=0", "--set", "cpu=true"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    m = load_run(out)
+    z, y = torch.randn(5, 2), torch.tensor([0, 1, 0, 1, 0])
+    assert m.sample(z, 1, y).shape == (5, 2) and m.run["step"] == 4

@@ -96,12 +96,20 @@ class DMD(Method):
         self.real_score = cfg(self.teacher, c.guidance) if teacher.num_classes else self.teacher
         self.dm_sigma = KarrasSigmaSampler.of(teacher, *c.dm_sigma_range)
         self.fake_sigma = KarrasSigmaSampler.of(teacher)
-        self.pairs = None
-        if c.reg_weight > 0:
-            if pairs is None:
-                pairs = ensure_pairs(teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
-            check_pairs_fit(pairs, teacher)
-            self.pairs = pairs
+        self._pairs, self._pairs_checked = pairs, False  # read at the first loss (load_run needs none)
+
+    @property
+    def pairs(self) -> Pairs | None:
+        """The stored pairs of the regression term (``None`` when ``reg_weight == 0``)."""
+        c = self.config
+        if c.reg_weight <= 0:
+            return None
+        if self._pairs is None:
+            self._pairs = ensure_pairs(self.teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
+        if not self._pairs_checked:
+            check_pairs_fit(self._pairs, self.teacher)
+            self._pairs_checked = True
+        return self._pairs
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student, "fake_score": self.fake_score}

@@ -85,12 +85,18 @@ class KD(Method):
             raise FewstepError(f"unknown KD loss {c.loss!r}; use one of {', '.join(LOSSES)}")
         sigma_init = c.sigma_init if c.sigma_init is not None else teacher.sigma_max
         self.student = student if student is not None else OneStepGenerator(copy_teacher(teacher), sigma_init)
-        self.pairs = (
-            pairs
-            if pairs is not None
-            else ensure_pairs(teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
-        )
-        check_pairs_fit(self.pairs, teacher)
+        self._pairs, self._pairs_checked = pairs, False  # read at the first loss (load_run needs none)
+
+    @property
+    def pairs(self) -> Pairs:
+        """The stored pairs: ``config.pairs``, or ``num_pairs`` generated into the cache once."""
+        c = self.config
+        if self._pairs is None:
+            self._pairs = ensure_pairs(self.teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
+        if not self._pairs_checked:
+            check_pairs_fit(self._pairs, self.teacher)
+            self._pairs_checked = True
+        return self._pairs
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student}
