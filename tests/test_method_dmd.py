@@ -150,7 +150,6 @@ def test_short_run_lowers_the_teacher_nll(tmp_path, reg_weight):
 
 def test_fewstep_distill_dmd_with_pairs(tmp_path, capsys):
     from engine_helpers import tiny_teacher
-
     from fewstep.cli import main
     from fewstep.teachers.native import save_model
     from fewstep.train import load_run
