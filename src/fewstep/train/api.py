@@ -185,16 +185,14 @@ def execute(plan: Plan, eval_hook=None) -> Method:
     from accelerate import PartialState
 
     from fewstep.io import atomic_write_json
-    from fewstep.train.loop import train
+    from fewstep.train.loop import check_run, train
 
     state = PartialState()
     torch.manual_seed(plan.cfg.seed)  # the method's own initialisation is identical on every process
     method = plan.method_cls(plan.teacher, plan.options)
     data = resolve_data(plan, method)
-    if data is not None:
-        from fewstep.train.feed import check_data
-
-        check_data(data, plan.teacher)
+    device = "cpu" if plan.cfg.cpu else state.device
+    check_run(plan.cfg, method, data, state.num_processes, device)
     if plan.resume:
         from fewstep.train.checkpoint import latest
 

@@ -60,6 +60,18 @@ def seed_process(seed: int, rank: int) -> None:
     random.seed(s)
 
 
+def check_run(cfg: TrainConfig, method: Method, data: Dataset | None, world: int, device) -> None:
+    """One-line errors for a run that cannot start (checked before anything is written)."""
+    if cfg.batch % (world * cfg.grad_accum):
+        raise FewstepError(f"batch {cfg.batch} must divide by processes x grad_accum = {world * cfg.grad_accum}")
+    if cfg.mixed_precision == "fp16" and torch.device(device).type != "cuda":
+        raise FewstepError("mixed_precision fp16 needs a GPU; use bf16 on the CPU")
+    if getattr(method, "needs_data", False) and data is None:
+        raise FewstepError(f"method {method.name!r} needs data; pass --data (e.g. digits)")
+    if data is not None:
+        check_data(data, method.teacher)
+
+
 def make_accelerator(cfg: TrainConfig):
     """An :class:`accelerate.Accelerator` for ``cfg`` (a second in-process run may change the
     precision: accelerate's process-wide state is then reset, the process group kept)."""
@@ -69,10 +81,7 @@ def make_accelerator(cfg: TrainConfig):
     state = AcceleratorState._shared_state
     if state and (state.get("_mixed_precision") != cfg.mixed_precision or state.get("_cpu", False) != cfg.cpu):
         AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
-    if cfg.mixed_precision == "fp16" and acc.device.type != "cuda":
-        raise FewstepError("mixed_precision fp16 needs a GPU; use bf16 on the CPU")
-    return acc
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
 
 
 def make_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -215,13 +224,8 @@ def train(
     run_dir = Path(run_dir)
     acc = make_accelerator(cfg)
     rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
-    if cfg.batch % (world * cfg.grad_accum):
-        raise FewstepError(f"batch {cfg.batch} must divide by processes x grad_accum = {world * cfg.grad_accum}")
+    check_run(cfg, method, data, world, device)
     micro = cfg.batch // (world * cfg.grad_accum)
-    if getattr(method, "needs_data", False) and data is None:
-        raise FewstepError(f"method {method.name!r} needs data; pass --data (e.g. digits)")
-    if data is not None:
-        check_data(data, method.teacher)
 
     setup = prepare(method, device)
     if world > 1:  # identical starting weights on every process
