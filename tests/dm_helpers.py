@@ -95,3 +95,20 @@ def run(method, iterations, batch_size, lr=None, data=None):
 
 def grads_of(module):
     return [p.grad for p in module.parameters()]
+
+
+def engine_run(tmp_path, method, teacher, steps=3, data=None, **options):
+    """Train through the real engine for a few iterations, reload the run, return both methods."""
+    from fewstep.train import distill, load_run
+
+    common = dict(batch=4, sample_n=0, cpu=True, log_every=1, checkpoint_every=steps, ema_decay=0.5)
+    m = distill(teacher, method, max_steps=steps, out=tmp_path / "run", data=data, **common, **options)
+    return m, load_run(tmp_path / "run")
+
+
+def tiny_images(n=32, num_classes=2):
+    from fewstep.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    return Dataset(x, torch.randint(num_classes, (n,), generator=g), num_classes, "tiny-images")

@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from dm_helpers import GaussianDenoisingStudent, gaussian_teacher, grads_of, run, set_fake_to, tiny_teacher
+from dm_helpers import (
+    GaussianDenoisingStudent,
+    engine_run,
+    gaussian_teacher,
+    grads_of,
+    run,
+    set_fake_to,
+    tiny_images,
+    tiny_teacher,
+)
 from fewstep.errors import FewstepError
 from fewstep.methods import Batch, get_method
 from fewstep.methods._fake_score import KarrasSigmaSampler
@@ -144,3 +153,14 @@ def test_short_run_moves_the_generator_onto_the_teacher():
     assert float((m.student.mean.detach() - mu).norm()) < 0.1  # started 1.12 away
     assert abs(float(m.student.log_std.detach().exp()) - 0.3) < 0.1  # started at std 1.0
     assert loglik() > before + 2.0
+
+
+def test_runs_under_the_engine_with_real_images_and_reloads(tmp_path):
+    teacher = tiny_teacher("unet", num_classes=2)
+    m, loaded = engine_run(tmp_path, "dmd2", teacher, steps=6, data=tiny_images(), student_steps=2, lr=1e-3)
+    assert m.summary["step"] == 6 and loaded.run["step"] == 6 and loaded.needs_data
+    z, c = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 0])
+    assert torch.allclose(loaded.sample(z, 1, c), m.sample(z, 1, c))
+    assert loaded.sample(z, 2, c).shape == (3, 1, 8, 8)
+    _, no_gan = engine_run(tmp_path / "b", "dmd2", teacher, steps=2, gan=False)
+    assert not no_gan.needs_data and "classifier" not in no_gan.networks()

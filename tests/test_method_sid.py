@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dm_helpers import GaussianGenerator, gaussian_teacher, grads_of, run, set_fake_to, tiny_teacher
+from dm_helpers import GaussianGenerator, engine_run, gaussian_teacher, grads_of, run, set_fake_to, tiny_teacher
 from fewstep.errors import FewstepError
 from fewstep.methods import Batch, get_method
 from fewstep.methods.sid import sid_generator_loss, sid_sigma
@@ -104,3 +104,11 @@ def test_short_run_moves_the_generator_onto_the_teacher():
     assert loglik() > before + 2.0
     with pytest.raises(FewstepError, match="steps=1"):
         m.sample(torch.randn(2, 2), 2)
+
+
+def test_runs_under_the_engine_and_reloads(tmp_path):
+    teacher = tiny_teacher("mlp", num_classes=3)
+    m, loaded = engine_run(tmp_path, "sid", teacher, steps=3, lr=1e-3, fake_lr=1e-3)
+    assert m.summary["step"] == 3 and loaded.run["step"] == 3
+    z, c = torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1])
+    assert torch.allclose(loaded.sample(z, 1, c), m.sample(z, 1, c))
