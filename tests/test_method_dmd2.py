@@ -62,6 +62,9 @@ def test_optimizers_follow_the_reference_two_time_scale_rule():
     assert specs["student"].every == 5 and specs["fake_score"].every == 1
     assert specs["student"].kind == "adamw" and specs["student"].weight_decay == 0.01
     assert specs["student"].lr == 2e-6 and specs["student"].grad_clip == 10.0
+    # 500-iteration warm-up: psi's k-th step at k/500, the generator's (every 5th iteration) at 5k/500
+    assert specs["fake_score"].lr_schedule(250) == 0.5 and specs["fake_score"].lr_schedule(900) == 1.0
+    assert specs["student"].lr_schedule(50) == 0.5 and specs["student"].lr_schedule(0) == 0.0
     assert run(m, 20, 4) == {"student": 4, "fake_score": 20}  # generator on i % 5 == 0
 
 

@@ -20,22 +20,23 @@ and changes the recipe (Sec. 4):
 
 Defaults from the official EDM code (tianweiy/DMD2 ``main/edm/edm_guidance.py``, ``train_edm.py``,
 ``experiments/imagenet/*genloss3e-3_diffusion1000_lr2e-6*.sh``): AdamW lr 2e-6, betas (0.9, 0.999),
-weight decay 0.01, grad-norm clip 10 for both networks; ratio 5; generator input ``80 z`` at
-sigma 80; DM level uniform over Karras-grid indices [20, 980]; DSM level uniform over all 1000, EDM
-weight ``1/sigma^2 + 1/sd^2``; GAN on (diffusion-GAN) noise levels over all 1000 indices,
-generator GAN weight 3e-3, classifier weight 1e-2; real score without guidance (``guidance`` sets
-a CFG scale, as the text-to-image models use).
+weight decay 0.01, grad-norm clip 10, a 500-iteration linear warm-up for both networks; ratio 5;
+generator input ``80 z`` at sigma 80; DM level uniform over Karras-grid indices [20, 980]; DSM
+level uniform over all 1000, EDM weight ``1/sigma^2 + 1/sd^2``; GAN on (diffusion-GAN) noise levels
+over all 1000 indices, generator GAN weight 3e-3, classifier weight 1e-2; real score without
+guidance (``guidance`` sets a CFG scale, as the text-to-image models use).
 
-Deviations: no 500-step learning-rate warm-up; the classifier head (the reference's
-``cls_pred_branch``: conv 4x4/2, conv to 1x1, 1x1 conv to a logit) is sized to fewstep's UNet
-bottleneck, read through :class:`~fewstep.networks.discriminator.TeacherFeatures`;
-multi-step sampling re-noises with the global RNG; psi's DSM and the GAN use fresh generator
-samples rather than the generator step's (the same distribution).
+Deviations: the classifier head (the reference's ``cls_pred_branch``: conv 4x4/2, conv to 1x1, 1x1
+conv to a logit) is sized to fewstep's UNet bottleneck, read through
+:class:`~fewstep.networks.discriminator.TeacherFeatures`; multi-step sampling re-noises with the
+global RNG; psi's DSM and the GAN use fresh generator samples rather than the generator step's (the
+same distribution).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class DMD2Config:
     betas: tuple[float, float] = (0.9, 0.999)  # train_edm.py: AdamW defaults
     weight_decay: float = 0.01
     grad_clip: float | None = 10.0  # --max_grad_norm
+    warmup: int = 500  # --warmup_step: linear lr warm-up over this many iterations (both networks)
     fake_updates: int = 5  # --dfake_gen_update_ratio
     dm_lo: float = 0.02  # --min_step_percent / --max_step_percent of the Karras grid
     dm_hi: float = 0.98
@@ -69,6 +71,11 @@ class DMD2Config:
     cls_weight: float = 1e-2  # --cls_loss_weight
     gan_hi: float = 1.0  # --diffusion_gan_max_timestep 1000: classifier noise over the whole grid
     student_steps: int = 1  # 4 for the multi-step student (Sec. 4.4), trained by backward simulation
+
+
+def warmup_factor(k: int, steps: float) -> float:
+    """diffusers' ``constant_with_warmup``: ``k / steps`` for the first ``steps`` optimizer steps."""
+    return min(1.0, k / steps) if steps > 0 else 1.0
 
 
 class ClassifierHead(nn.Module):
@@ -139,10 +146,13 @@ class DMD2(Method):
         c, k = self.config, self.config.fake_updates
         guide = ["fake_score", "classifier"] if c.gan else ["fake_score"]
         opt = dict(betas=c.betas, weight_decay=c.weight_decay, kind="adamw", grad_clip=c.grad_clip)
-        # train_edm.py: the generator steps on iterations i % ratio == 0, psi on every iteration
+        # train_edm.py: the generator steps on iterations i % ratio == 0, psi on every iteration; both
+        # schedulers advance every iteration, so the generator warms up over warmup / ratio of its steps
         return {
-            "student": OptimizerSpec(["student"], lr=c.lr, every=k, **opt),
-            "fake_score": OptimizerSpec(guide, lr=c.fake_lr, **opt),
+            "student": OptimizerSpec(
+                ["student"], lr=c.lr, every=k, lr_schedule=partial(warmup_factor, steps=c.warmup / k), **opt
+            ),
+            "fake_score": OptimizerSpec(guide, lr=c.fake_lr, lr_schedule=partial(warmup_factor, steps=c.warmup), **opt),
         }
 
     # --- maths ---------------------------------------------------------------------------------
