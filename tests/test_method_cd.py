@@ -10,6 +10,7 @@ from fewstep import solvers
 from fewstep.denoiser import EDMDenoiser
 from fewstep.errors import FewstepError
 from fewstep.methods import Batch, EMASpec, get_method
+from fewstep.methods._trajectory import sampling_sigmas
 from fewstep.methods.cd import CDConfig, LCMConfig
 from fewstep.networks.mlp import MLP, MLPConfig
 from fewstep.students import ConsistencyStudent
@@ -52,8 +53,15 @@ def all_pair_loss(method: CD, x0: torch.Tensor, noise: torch.Tensor) -> torch.Te
     return torch.stack(losses).mean()
 
 
-def tiny_unet_teacher(num_classes: int = 3) -> EDMDenoiser:
-    net = {"channels": 8, "channel_mult": [1, 2], "blocks": 1, "attn_resolutions": [], "num_classes": num_classes}
+def tiny_unet_teacher(num_classes: int = 3, dropout: float = 0.0) -> EDMDenoiser:
+    net = {
+        "channels": 8,
+        "channel_mult": [1, 2],
+        "blocks": 1,
+        "attn_resolutions": [],
+        "num_classes": num_classes,
+        "dropout": dropout,
+    }
     den = {"sample_shape": [1, 8, 8], "num_classes": num_classes}
     torch.manual_seed(0)
     return build_model("unet", net, den).eval().requires_grad_(False)
@@ -191,7 +199,15 @@ def test_multistep_sampling_renoises_to_the_data_distribution():
     assert torch.allclose(x.mean(0), gm.means[0], atol=0.02)
     assert torch.allclose(x.std(0), torch.full((2,), 0.5, dtype=torch.float64), rtol=0.03)
     with pytest.raises(FewstepError, match="intermediate sigmas"):
-        method.sample(torch.randn(2, 2, dtype=torch.float64), steps=2)
+        CD(gm, CDConfig(sample_sigmas=(0.8, 3.0)), student=ExactConsistency(gm)).sample(torch.randn(2, 2), steps=3)
+
+
+def test_sampling_levels_default_to_a_karras_grid_and_given_ones_apply_to_their_step_count():
+    assert sampling_sigmas(1, 0.002, 80.0) == [80.0]
+    two = sampling_sigmas(2, 0.002, 80.0)
+    assert two[0] == 80.0 and two[1] == pytest.approx(((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7)
+    assert sampling_sigmas(2, 0.002, 80.0, (0.821,)) == [80.0, 0.821]
+    assert sampling_sigmas(4, 0.002, 80.0, (0.821,)) == sampling_sigmas(4, 0.002, 80.0)
 
 
 def test_short_run_moves_the_one_step_student_toward_the_teacher_ode():
@@ -221,3 +237,13 @@ def test_short_run_moves_the_one_step_student_toward_the_teacher_ode():
                 p_t.lerp_(p_s, 1 - mu)
     after = error()
     assert after < 0.5 * before, (before, after)
+
+
+def test_student_dropout_is_set_and_the_teacher_keeps_its_own():
+    teacher = tiny_unet_teacher(dropout=0.1)
+    rates = lambda m: {b.dropout for b in m.modules() if hasattr(b, "conv1")}
+    assert rates(CD(teacher).student) == {0.0} and rates(teacher) == {0.1}
+    kept = CD(teacher, CDConfig(dropout=None)).student
+    assert rates(kept) == {0.1} and kept.net.net.config.dropout == 0.1
+    with pytest.raises(FewstepError, match="dropout"):
+        CD(teacher, CDConfig(dropout=1.0))

@@ -10,6 +10,8 @@ not a method.
   openai/consistency_models; LCM's elementwise pseudo-Huber ``sqrt(d^2 + c^2) - c``).
 - :func:`ascending_grid` and :func:`sampling_sigmas`: the Karras discretisation the losses draw
   from, and the default noise levels of few-step consistency / flow-map sampling.
+- :func:`set_dropout`: the student's dropout rate (a teacher trained with dropout hands it to its
+  copy; the consistency target runs without it, so a mismatch biases the loss).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
@@ -65,17 +67,14 @@ def ascending_grid(num_scales: int, sigma_min: float, sigma_max: float, rho: flo
 def sampling_sigmas(steps: int, sigma_min: float, sigma_max: float, given: tuple[float, ...] = ()) -> list[float]:
     """The ``steps`` noise levels a few-step sampler evaluates at, from ``sigma_max`` down.
 
-    ``given`` lists the intermediate levels explicitly (``steps - 1`` of them; the CM paper tunes
-    them, e.g. 0.821 for 2-step CIFAR-10). By default they are the inner points of a
-    ``steps + 1``-point Karras grid (rho = 7): 2 steps evaluate at ``sigma_max`` and ~2.5.
+    ``given`` lists the intermediate levels of the ``len(given) + 1``-step sampler explicitly (the
+    CM paper tunes them, e.g. 0.821 for 2-step CIFAR-10); every other step count, and the default,
+    uses the inner points of a ``steps + 1``-point Karras grid (rho = 7): 2 steps evaluate at
+    ``sigma_max`` and ~2.5 (for sigma in [0.002, 80]).
     """
     if steps < 1:
         raise FewstepError(f"steps must be >= 1, got {steps}")
-    if given:
-        if len(given) != steps - 1:
-            raise FewstepError(
-                f"{steps} sampling steps need {steps - 1} intermediate sigmas, got {len(given)} ({list(given)})"
-            )
+    if given and len(given) == steps - 1:
         mids = [float(s) for s in given]
         if any(not sigma_min <= s < sigma_max for s in mids) or mids != sorted(mids, reverse=True):
             raise FewstepError(f"intermediate sigmas must decrease within [{sigma_min}, {sigma_max}), got {mids}")
@@ -92,3 +91,18 @@ def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def expand_like(v: float | Tensor, x: Tensor) -> Tensor:
     """A ``(B,)`` tensor on ``x``'s device and dtype."""
     return torch.as_tensor(v, device=x.device, dtype=x.dtype).expand(x.shape[0]).clone()
+
+
+def set_dropout(module: nn.Module, p: float | None) -> None:
+    """Set the dropout rate of every fewstep UNet block inside ``module``; ``None`` keeps it."""
+    if p is None:
+        return
+    if not 0.0 <= p < 1.0:
+        raise FewstepError(f"dropout must lie in [0, 1), got {p}")
+    from fewstep.networks.unet import ResBlock, UNetConfig
+
+    for m in module.modules():
+        if isinstance(m, ResBlock):
+            m.dropout = p
+        if isinstance(getattr(m, "config", None), UNetConfig):
+            m.config.dropout = p

@@ -31,8 +31,9 @@ lr 4e-4 (CIFAR-10 CD, paper Table 3). Deviations: LPIPS (the paper's best distan
 offered — it needs ImageNet-trained weights fewstep cannot download, and it leaks ImageNet
 features into FID; the LCM boundary scalings use sigma-space CM scalings rather than the
 DDPM-timestep ``timestep_scaling = 10`` form; with Heun, the guided step is Heun on the guided
-denoiser (for Euler/DDIM, LCM's default, this equals Eq. 9 exactly); the target network runs
-without dropout instead of sharing the student's dropout mask.
+denoiser (for Euler/DDIM, LCM's default, this equals Eq. 9 exactly); the student's dropout
+defaults to 0 whatever the teacher's (with dropout > 0 the target runs without it rather than
+sharing the student's dropout mask).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ from fewstep.methods._trajectory import (
     expand_like,
     ode_step,
     sampling_sigmas,
+    set_dropout,
 )
-from fewstep.students import ConsistencyStudent, copy_teacher
+from fewstep.students import consistency_student
 
 
 @dataclass
@@ -75,6 +77,7 @@ class CDConfig:
     guidance: tuple[float, float] | None = None  # LCM: range of w (fewstep convention, w = w' + 1)
     sample_guidance: float = 1.0  # w the student is asked for when sampling (with guidance on)
     sample_sigmas: tuple[float, ...] = ()  # intermediate levels of multistep sampling (default: Karras)
+    dropout: float | None = 0.0  # student dropout (None: the teacher's); the target runs without
     lr: float = 4e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -104,7 +107,8 @@ class ConsistencyDistillation(Method):
             if not 0 <= c.guidance[0] <= c.guidance[1]:
                 raise FewstepError(f"guidance range must be (w_min, w_max) with 0 <= w_min <= w_max, got {c.guidance}")
         extra_dims = 1 if c.guidance is not None else 0
-        self.student = student if student is not None else ConsistencyStudent(copy_teacher(teacher, extra_dims))
+        self.student = student if student is not None else consistency_student(teacher, extra_dims)
+        set_dropout(self.student, c.dropout)
         self.target = copy.deepcopy(self.student).requires_grad_(False)  # theta^-
         self.grid = ascending_grid(c.num_scales, teacher.sigma_min, teacher.sigma_max, c.rho)  # t_1 < ... < t_N
 

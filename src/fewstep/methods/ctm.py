@@ -31,7 +31,8 @@ ImageNet weights fewstep cannot download — L2 / L1 / pseudo-Huber instead (a f
 from the digits classifier would leak into the FID it is judged by); the discriminator is
 :mod:`fewstep.networks.discriminator`'s heads on the frozen teacher's features at ``gan_sigma``
 instead of StyleGAN-XL's projected discriminator; lambda_DSM is fixed (the reference code's later
-default) rather than gradient-balanced.
+default) rather than gradient-balanced; the student's dropout defaults to 0 whatever the
+teacher's (the target and the teacher run without it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from fewstep.methods._trajectory import (
     expand_like,
     ode_step,
     sampling_sigmas,
+    set_dropout,
 )
 from fewstep.schedules import karras_sigmas
 from fewstep.students import FlowMapStudent, copy_teacher
@@ -80,6 +82,7 @@ class CTMConfig:
     d_lr: float = 2e-3
     gamma: float = 0.0  # gamma-sampling
     sample_sigmas: tuple[float, ...] = ()  # intermediate levels of few-step sampling (default: Karras)
+    dropout: float | None = 0.0  # student dropout (None: the teacher's); the target runs without
     lr: float = 4e-4
     betas: tuple[float, float] = (0.9, 0.999)
     optimizer: str = "radam"
@@ -108,6 +111,7 @@ class ConsistencyTrajectoryModel(Method):
         if not 0.0 <= c.gamma <= 1.0:
             raise FewstepError(f"gamma must lie in [0, 1], got {c.gamma}")
         self.student = student if student is not None else FlowMapStudent(copy_teacher(teacher, extra_dims=1))
+        set_dropout(self.student, c.dropout)
         self.target = copy.deepcopy(self.student).requires_grad_(False)  # theta^-
         self.grid = karras_sigmas(c.num_scales, teacher.sigma_min, teacher.sigma_max, c.rho)[:-1]  # descending
         self.discriminator = self._build_discriminator() if c.gan_weight > 0 else None
