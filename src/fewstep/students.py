@@ -24,7 +24,12 @@ from fewstep.errors import FewstepError
 
 def copy_teacher(teacher: Denoiser, extra_dims: int = 0) -> EDMDenoiser:
     """A trainable copy of an EDM-preconditioned teacher, optionally with ``extra_dims`` new scalar
-    inputs whose embeddings start at zero, so the copy initially equals the teacher."""
+    inputs whose embeddings start at zero, so the copy initially equals the teacher.
+
+    A teacher that defines ``trainable_copy(extra_dims)`` (a diffusers teacher) makes its own copy.
+    """
+    if hasattr(teacher, "trainable_copy"):
+        return teacher.trainable_copy(extra_dims)
     if not isinstance(teacher, EDMDenoiser):
         raise FewstepError(
             f"cannot initialise a student from a {type(teacher).__name__}; students copy an EDM-preconditioned "
@@ -46,6 +51,15 @@ def copy_teacher(teacher: Denoiser, extra_dims: int = 0) -> EDMDenoiser:
         student.net.embed = new
         student.net.config.extra_dims = new.extra_dims
     return student
+
+
+def consistency_student(teacher: Denoiser, extra_dims: int = 0) -> nn.Module:
+    """The consistency student of ``teacher``: :class:`ConsistencyStudent` over a teacher copy, or
+    the teacher's own ``consistency_student(extra_dims)`` (a diffusers teacher's LCM student,
+    which stock diffusers schedulers can sample)."""
+    if hasattr(teacher, "consistency_student"):
+        return teacher.consistency_student(extra_dims)
+    return ConsistencyStudent(copy_teacher(teacher, extra_dims))
 
 
 class ConsistencyStudent(nn.Module):

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 def _usage(f: dict) -> str:
     steps = f.get("steps", 4)
+    if f.get("lora"):
+        sched = f["scheduler"]
+        return (
+            f"import torch\nfrom diffusers import DiffusionPipeline, {sched}\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained("{f.get("teacher", "BASE-MODEL")}")  # the teacher\n'
+            f'pipe.scheduler = {sched}.from_pretrained("PATH", subfolder="scheduler")\n'
+            'pipe.load_lora_weights("PATH")\n'
+            f'image = pipe(prompt="...", num_inference_steps={steps}, guidance_scale=1.0).images[0]\n'
+        )
     missing = [c for c in f.get("text_slots", []) if c not in f.get("text_components", [])]
     extra = "".join(f", {c}=None" for c in missing)  # diffusers asks to be told a component is absent
     head = "import torch\nfrom diffusers import DiffusionPipeline\n\n"
@@ -69,7 +78,7 @@ library_name: diffusers
 tags: [fewstep, distillation, few-step]
 ---
 
-# A {f.get("steps", 4)}-step student distilled with fewstep
+# A {f.get("steps", 4)}-step {"LoRA " if f.get("lora") else ""}student distilled with fewstep
 
 - teacher: {f.get("teacher", "unknown")}
 - method: {f.get("method", "unknown")}

@@ -42,6 +42,10 @@ TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
 
 def _network_of(student: Any) -> tuple[str, nn.Module, DiffusersDenoiser]:
     """``(kind, network, adapter)`` of an exportable student; a clear error otherwise."""
+    from fewstep.teachers.diffusers.lora import LoRAStudent
+
+    if isinstance(student, LoRAStudent):
+        return _network_of(student.student)
     if isinstance(student, LCMStudent):
         return "lcm", student.model, student.inner
     if isinstance(student, DiffusersDenoiser):

@@ -4,7 +4,8 @@
 - ``builtin:digits`` / ``builtin:moons`` — the pre-trained models shipped inside the package;
 - ``analytic:gaussians8`` / ``analytic:image`` — exact Gaussian-mixture teachers;
 - a folder written by :func:`fewstep.teachers.native.save_model` (a teacher or a run's student);
-- a diffusers pipeline or model folder (:mod:`fewstep.teachers.diffusers`).
+- a diffusers pipeline or model folder (:mod:`fewstep.teachers.diffusers`);
+- ``lora:<rank>:<folder>`` — that diffusers teacher carrying LoRA adapters for a LoRA student.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def load_teacher(spec: str | Path | Denoiser) -> Denoiser:
     spec = str(spec)
     if spec.startswith("builtin:"):
         return load_model(builtin_path(spec.split(":", 1)[1]))
+    if spec.startswith("lora:"):
+        from fewstep.teachers.diffusers.lora import load_lora_teacher
+
+        return load_lora_teacher(spec)
     if spec.startswith("analytic:"):
         name = spec.split(":", 1)[1]
         if name not in ANALYTIC:

@@ -259,6 +259,27 @@ class DiffusersDenoiser(Denoiser):
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         return self.native_x0(x, sigma, cond)[0]
 
+    # --- students (fewstep.students.copy_teacher / consistency_student call these) ----------------
+    def trainable_copy(self, extra_dims: int = 0) -> DiffusersDenoiser:
+        """A trainable copy of this network with the same formulation (an ODE student)."""
+        if extra_dims:
+            raise FewstepError(
+                f"{type(self.model).__name__} cannot take {extra_dims} extra scalar input(s); methods that "
+                "condition the student on w or a target time need a fewstep network"
+            )
+        from fewstep.teachers.diffusers.students import ode_student
+
+        return ode_student(self)
+
+    def consistency_student(self, extra_dims: int = 0) -> Denoiser:
+        """An LCM-parameterised consistency student; ``extra_dims = 1`` embeds the guidance scale
+        as LCM does (``time_cond_proj_dim = 256``)."""
+        from fewstep.teachers.diffusers.students import LCMStudent
+
+        if extra_dims > 1:
+            raise FewstepError(f"an LCM student takes at most one extra input (w), got {extra_dims}")
+        return LCMStudent(self, guidance_embed_dim=256 if extra_dims else 0)
+
     # --- guidance, sampling grids, the VAE -------------------------------------------------------
     def guided(self, scale: float | Tensor) -> Denoiser:
         """Classifier-free guidance (``fewstep.guidance.cfg`` calls this): text models use the
