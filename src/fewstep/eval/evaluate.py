@@ -224,8 +224,8 @@ class Evaluator:
                 "kid": kid(self.ref, f, subsets=self.s.kid_subsets)[0], "precision": p, "recall": r}  # fmt: skip
 
     def describe(self) -> dict:
-        d = {"features": self.extractor.name, "feature_dim": self.extractor.dim, "reference": self.data or "exact",
-             "reference_n": self.ref_stats.n, **asdict(self.s)}  # fmt: skip
+        d = {**asdict(self.s), "features": self.extractor.name, "feature_dim": self.extractor.dim,
+             "reference": self.data or "exact", "reference_n": self.ref_stats.n}  # fmt: skip
         rec = getattr(self.extractor, "record", None)
         if rec:
             d["classifier_test_accuracy"] = rec.get("test_accuracy")

@@ -3,8 +3,9 @@ cost of a distillation read from its run directory.
 
 Latency is the median over repeats after one warm-up batch. Peak memory is the accelerator's
 ``max_memory_allocated`` on CUDA; on CPU it is the growth of the process's peak resident set
-(``VmHWM``, reset through ``/proc/self/clear_refs`` on Linux) while the sampler runs — an upper
-bound that includes allocator slack.
+(``VmHWM``, reset through ``/proc/self/clear_refs`` on Linux) over the resident set before the
+warm-up batch (after ``malloc_trim``), i.e. what the sampler's batch allocates, allocator slack
+included.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may then be underestimated
+        pass
+
+
 def _rss_now_kb() -> int | None:
     try:
         return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
@@ -70,14 +80,15 @@ def measure_speed(
     y = seeded_labels(seeds, num_classes)
     y = None if y is None else y.to(device)
     cuda = torch.device(device).type == "cuda"
-    sampler.fn(z, y)  # warm-up
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        can_reset = _reset_rss_peak()
+        _malloc_trim()  # hand freed heap back to the OS so the sampler's allocations show as growth
         base = _rss_now_kb()
+        can_reset = _reset_rss_peak()
+    sampler.fn(z, y)  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -95,24 +106,20 @@ def measure_speed(
 
 
 def run_cost(run_dir: str | Path) -> dict:
-    """Distillation wall time and optimizer steps of a run, from its ``metrics.jsonl`` (last
-    record) and ``config.json``; missing fields are ``None``."""
-    import json
+    """Distillation wall time (minutes) and optimizer iterations of a run: the summary saved with
+    its student (``student/config.json``), else the last record of ``metrics.jsonl``."""
+    from fewstep.io import read_json
 
     run_dir = Path(run_dir)
-    out: dict = {"minutes": None, "steps": None}
-    log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        last = None
-        for line in log.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    last = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-        if last:
-            out["steps"] = last.get("step", last.get("iteration"))
-            secs = last.get("elapsed_s", last.get("time_s", last.get("seconds")))
-            out["minutes"] = round(secs / 60, 2) if secs is not None else last.get("minutes")
-    return out
+    info = {}
+    if (run_dir / "student" / "config.json").is_file():
+        info = read_json(run_dir / "student" / "config.json").get("info", {})
+    if "minutes" in info and "step" in info:
+        return {"minutes": info["minutes"], "steps": info["step"], "stopped_by": info.get("stopped_by")}
+    from fewstep.train.rundir import read_metrics
+
+    records = [r for r in read_metrics(run_dir) if "elapsed_s" in r]
+    if not records:
+        return {"minutes": None, "steps": None, "stopped_by": None}
+    last = records[-1]
+    return {"minutes": round(last["elapsed_s"] / 60, 3), "steps": last["step"], "stopped_by": None}

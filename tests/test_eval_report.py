@@ -1,0 +1,118 @@
+"""`fewstep eval` end to end on a tiny run of the analytic teacher: report, pictures, cache, errors."""
+
+import json
+
+import pytest
+
+from fewstep.cli import main
+
+QUICK = ["--n", "500", "--seeds", "1", "--baseline-nfe", "1,2", "--fidelity-n", "50"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny random 2-D MLP teacher that says it learned moons (the reference data)."""
+    import torch
+
+    from fewstep.teachers.native import build_model, save_model
+
+    torch.manual_seed(0)
+    t = build_model("mlp", {"dim": 2, "hidden": 32, "depth": 1, "num_classes": 2},
+                    {"sample_shape": [2], "num_classes": 2})  # fmt: skip
+    with torch.no_grad():
+        t.net.out.weight.normal_(0, 0.1)
+    return save_model(t, tmp_path_factory.mktemp("teacher") / "t", {"trained_on": "moons:2000"})
+
+
+@pytest.fixture(scope="module")
+def run_dir(teacher_dir, tmp_path_factory):
+    from fewstep.train import distill
+
+    out = tmp_path_factory.mktemp("eval") / "run"
+    distill(str(teacher_dir), "denoise", max_steps=4, out=out, batch=8, sample_n=0, log_every=2, cpu=True)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+
+
+def one_line_error(capsys, match: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and match in err, err
+
+
+def test_eval_of_a_run_writes_the_report(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--steps", "1,2", *QUICK]) == 0
+    printed = capsys.readouterr().out
+    assert "FID ratio at 1 NFE" in printed and f"report: {run_dir / 'report.md'}" in printed
+    res = json.loads((run_dir / "results.json").read_text())
+    assert [r["nfe"] for r in res["students"]] == [1, 2]  # counted student evaluations
+    t = res["teacher_row"]
+    assert (t["name"], t["nfe"]) == ("heun", 35) and t["fid"] > 0
+    # baselines: 3 solvers at NFE 1 and 2 (Heun's 2 becomes 1 step = 1 NFE, a duplicate, dropped)
+    assert sorted((r["name"], r["nfe"]) for r in res["baselines"]) == [
+        ("dpmpp_2m", 1), ("dpmpp_2m", 2), ("euler", 1), ("euler", 2), ("heun", 1)]  # fmt: skip
+    for r in res["students"]:
+        assert r["fidelity"] > 0 and 0 <= r["precision"] <= 1 and r["swd"] > 0
+    assert res["cost"]["steps"] == 4 and res["cost"]["minutes"] is not None
+    kinds = {(s["kind"], s["nfe"]) for s in res["speed"]}
+    assert kinds == {("student", 1), ("student", 2), ("teacher", 35)}
+    report = (run_dir / "report.md").read_text()
+    for part in ("## Quality", "## Baselines", "## Speed", "quality_vs_nfe.png", "samples.png", "FID ratio"):
+        assert part in report
+    ratio = res["students"][0]["fid"] / t["fid"]
+    assert "| denoise | 1 | " in report and f"{ratio:.2f}" in report
+    for png in ("quality_vs_nfe.png", "samples.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_teacher_rows_are_cached_and_identical(teacher_dir, tmp_path, capsys):
+    args = ["eval", str(teacher_dir), "--out", str(tmp_path / "a"), "--baselines", "euler", *QUICK]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert main([*args[:3], str(tmp_path / "b"), *args[4:]]) == 0
+    second = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert second["teacher_row"]["cached"] and not first["teacher_row"]["cached"]
+    assert second["teacher_row"]["fid"] == first["teacher_row"]["fid"]
+    # and recomputing gives the same numbers (generation is deterministic given the seeds)
+    assert main([*args[:3], str(tmp_path / "c"), *args[4:], "--no-cache"]) == 0
+    third = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert third["teacher_row"]["fid"] == pytest.approx(first["teacher_row"]["fid"], rel=1e-9)
+    assert "ᶜ" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_eval_of_the_analytic_teacher_reports_exact_metrics(tmp_path):
+    assert main(["eval", "analytic:gaussians8", "--out", str(tmp_path), "--baselines", "euler", *QUICK]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    t = res["teacher_row"]
+    assert t["extra"]["modes"] == 8 and t["extra"]["modes_covered"] == 8 and t["extra"]["mass_tv"] < 0.1
+    one = next(r for r in res["baselines"] if r["nfe"] == 1)
+    # one Euler step from sigma_max lands near the posterior mean of the whole ring: no recall
+    assert one["recall"] < 0.05 < t["recall"]
+    assert "mode-mass TV" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_refuses_bad_input(run_dir, tmp_path, capsys):
+    assert main(["eval", str(run_dir), "--n", "100"]) == 2
+    one_line_error(capsys, "too few samples for a stable FID")
+    assert main(["eval", "analytic:gaussians8", *QUICK]) == 2
+    one_line_error(capsys, "--out")
+    assert main(["eval", "analytic:gaussians8", "--out", str(tmp_path), "--features", "digits", *QUICK]) == 2
+    one_line_error(capsys, "takes samples of shape 1x8x8")
+    wrapped = tmp_path / "run" / "student"  # a wrapper student (consistency, flow map) needs its run
+    wrapped.mkdir(parents=True)
+    (wrapped / "config.json").write_text(json.dumps({"format": "fewstep-student", "wrapper": "ConsistencyStudent"}))
+    assert main(["eval", str(wrapped), *QUICK]) == 2
+    one_line_error(capsys, "evaluate the run directory")
+
+
+def test_eval_refuses_a_run_without_a_student(run_dir, tmp_path, capsys):
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(run_dir / "config.json", empty / "config.json")
+    assert main(["eval", str(empty), *QUICK]) == 2
+    one_line_error(capsys, "no usable checkpoint")
