@@ -25,6 +25,7 @@ method lists it in ``Method.frozen()`` instead.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -247,10 +248,12 @@ class Discriminator(nn.Module):
             self.backbone = None
             object.__setattr__(self, "_frozen_features", features)  # not a submodule: no params, no state
         self.paired = paired
-        with torch.no_grad():
-            probe = features(torch.zeros(2, *sample_shape), torch.ones(2), None)
+        ref = next(itertools.chain(features.parameters(), features.buffers()), torch.empty(0))
+        with torch.no_grad():  # probe the feature shapes once
+            probe = features(torch.zeros(2, *sample_shape, dtype=ref.dtype, device=ref.device), torch.ones(2), None)
         mult = 2 if paired else 1
-        self.heads = nn.ModuleList(Head(mult * f.shape[1], f.ndim == 4, hidden, num_classes) for f in probe)
+        heads = (Head(mult * f.shape[1], f.ndim == 4, hidden, num_classes) for f in probe)
+        self.heads = nn.ModuleList(heads).to(dtype=ref.dtype, device=ref.device)
 
     @property
     def features(self) -> FeatureNetwork:

@@ -1,0 +1,117 @@
+"""Pieces shared by the adversarial methods (ADD, LADD, UFOGen); a helper, not a method.
+
+- Noise levels "analogous" to the papers' timesteps: a level of a unit-variance latent model
+  (Stable Diffusion's scaled-linear DDPM schedule; SD3's rectified-flow time) is mapped to the
+  level of equal signal-to-noise ratio for data of standard deviation ``sigma_data``,
+  ``sigma = sigma_data * sigma_latent``. The first student level is the teacher's ``sigma_max``,
+  where few-step sampling starts from pure noise.
+- :func:`few_step_levels`/:func:`renoise_sample`: the sampler of ADD (Sauer et al. 2023, arXiv
+  2311.17042, Sec. 3.1), LADD and UFOGen's multi-step mode — denoise to ``x0_hat`` at one level,
+  re-noise it with fresh noise to the next level, repeat.
+- :func:`feature_network`: resolve a discriminator backbone by name ("teacher", "teacher-bottleneck",
+  "classifier" = fewstep's shipped digits CNN) or take a user's ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.denoiser import Denoiser, append_dims
+from fewstep.errors import FewstepError
+from fewstep.networks.discriminator import FeatureNetwork, ImageFeatures, TeacherFeatures
+
+FEATURES = ("teacher", "teacher-bottleneck", "classifier")
+
+
+def sd_sigmas() -> Tensor:
+    """The 1000 noise levels of Stable Diffusion's scaled-linear schedule (betas from 0.00085 to
+    0.012, linear in sqrt), in sigma-space of unit-variance latents (float64)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = (1 - betas).cumprod(0)
+    return ((1 - abar) / abar).sqrt()
+
+
+def sd_levels(timesteps: tuple[int, ...], sigma_data: float, sigma_max: float) -> tuple[float, ...]:
+    """Levels of SD timesteps at equal SNR for this data; the first becomes ``sigma_max``."""
+    s = sd_sigmas()
+    levels = [float(s[t]) * sigma_data for t in timesteps]
+    return (float(sigma_max), *levels[1:])
+
+
+def rf_levels(times: tuple[float, ...], sigma_data: float, sigma_max: float) -> tuple[float, ...]:
+    """Levels of rectified-flow times ``t`` (``sigma = t/(1-t)``) at equal SNR; ``t = 1`` -> ``sigma_max``."""
+    return tuple(float(sigma_max) if t >= 1 else min(sigma_data * t / (1 - t), sigma_max) for t in times)
+
+
+def check_levels(levels: tuple[float, ...], teacher: Denoiser) -> tuple[float, ...]:
+    levels = tuple(float(s) for s in levels)
+    if not levels or list(levels) != sorted(levels, reverse=True) or levels[-1] <= 0:
+        raise FewstepError(f"student levels must be positive and decreasing, got {list(levels)}")
+    if levels[0] > teacher.sigma_max * (1 + 1e-6):
+        raise FewstepError(f"the first student level {levels[0]} exceeds the teacher's sigma_max {teacher.sigma_max}")
+    return levels
+
+
+def few_step_levels(levels: tuple[float, ...], steps: int) -> list[float]:
+    """The ``steps`` of the trained ``levels`` a sampler visits: evenly spaced indices from the first
+    (4 levels: 1 step -> [0], 2 -> [0, 2], 4 -> all, as SDXL-Turbo's 999 / 999,499 / 999..249)."""
+    n = len(levels)
+    if not 1 <= steps <= n:
+        raise FewstepError(f"this student was trained at {n} noise levels; sample with 1..{n} steps, not {steps}")
+    return [levels[(i * n) // steps] for i in range(steps)]
+
+
+@torch.no_grad()
+def renoise_sample(student: Denoiser, noise: Tensor, levels: list[float], cond: Any = None) -> Tensor:
+    """``x0 = G(s_0 z, s_0)``; then ``x0 = G(x0 + s_i eps_i, s_i)`` for the other levels."""
+    sigma = torch.full((noise.shape[0],), levels[0], device=noise.device, dtype=noise.dtype)
+    x0 = student(noise * levels[0], sigma, cond)
+    for s in levels[1:]:
+        x0 = student(x0 + s * torch.randn_like(x0), torch.full_like(sigma, s), cond)
+    return x0
+
+
+def noised(x0: Tensor, sigma: Tensor, noise: Tensor | None = None) -> Tensor:
+    """``x0 + sigma eps`` with per-sample ``sigma`` (B,)."""
+    return x0 + append_dims(sigma, x0.ndim) * (torch.randn_like(x0) if noise is None else noise)
+
+
+def pick(levels: tuple[float, ...], n: int, device, dtype=torch.float32) -> Tensor:
+    """``n`` levels drawn uniformly from ``levels`` (global RNG)."""
+    table = torch.tensor(levels, device=device, dtype=dtype)
+    return table[torch.randint(len(levels), (n,), device=device)]
+
+
+class ClassifierBackbone(nn.Module):
+    """The shipped digits CNN as a discriminator backbone: its last conv map and its penultimate
+    vector (as ADD reads several DINOv2 layers)."""
+
+    def __init__(self, cnn: nn.Module) -> None:
+        super().__init__()
+        self.cnn = cnn
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = self.cnn.conv(x)  # (B, 2c, 2, 2)
+        return [h, torch.relu(self.cnn.fc(h.flatten(1)))]  # and (B, feature_dim)
+
+
+def feature_network(spec: str | nn.Module, teacher: Denoiser, trainable: bool = False) -> FeatureNetwork:
+    """A discriminator backbone from a name or a user module (see module docstring)."""
+    if isinstance(spec, FeatureNetwork):
+        return spec
+    if isinstance(spec, nn.Module):
+        return ImageFeatures(spec)
+    if spec == "teacher":
+        return TeacherFeatures(teacher, "multi", trainable)
+    if spec == "teacher-bottleneck":
+        return TeacherFeatures(teacher, "bottleneck", trainable)
+    if spec == "classifier":
+        if tuple(teacher.sample_shape) != (1, 8, 8):
+            raise FewstepError("the shipped classifier reads 1x8x8 digits; use features=teacher for this teacher")
+        from fewstep.eval.classifier import load_classifier
+
+        return ImageFeatures(ClassifierBackbone(load_classifier()))
+    raise FewstepError(f"unknown discriminator features {spec!r}; use one of {', '.join(FEATURES)} or pass a module")
