@@ -1,0 +1,88 @@
+"""Tuning runs for the PD / TRACT / guided methods on digits (not a test; run under the heavy lock).
+
+Distils with a wall-clock budget, then measures FID (classifier features) of the student at 1/2/4
+steps against the teacher with Heun at 35 NFE on the same seeds, and appends one JSON line per run
+to ``--log``. Example::
+
+    flock /tmp/fewstep-heavy.lock .venv/bin/python bench/trajectory_tune.py --method tract \\
+        --minutes 3 --set phases=40,1 --set lr=2e-4 --n 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep.eval.evaluate import EvalSettings, Evaluator
+from fewstep.eval.sampling import student_sampler, teacher_sampler
+from fewstep.teachers import load_teacher
+from fewstep.train import distill
+from fewstep.train.config import parse_sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--teacher", default="builtin:digits")
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ema-decay", type=float, default=0.0)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--steps", default="1,2,4")
+    ap.add_argument("--guidance", type=float, default=None, help="guided: sampling scale")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--log", default="bench/trajectory_tune.jsonl")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fidelity", action="store_true", help="also RMSE to the teacher's ODE answers (slow)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    teacher = load_teacher(a.teacher)
+    options = parse_sets(a.set)
+    out = Path(a.out or f"/tmp/tune-{a.method}-{int(time.time())}")
+    t0 = time.time()
+    method = distill(
+        a.teacher, a.method, max_steps=a.max_steps, out=out, data=a.data, minutes=a.minutes, batch=a.batch,
+        ema_decay=a.ema_decay, sample_n=0, checkpoint_every=10**9, log_every=100, options=options,
+    )  # fmt: skip
+    minutes = (time.time() - t0) / 60
+    ev = Evaluator(teacher, EvalSettings(n=a.n, repeats=a.repeats, fidelity_n=min(500, a.n)))
+    if a.fidelity:
+        t_row = ev.teacher_rows((("heun", 35),), progress=lambda *_: None)[0]
+    else:  # the teacher row without fidelity, cached per teacher and sample count
+        from fewstep.eval.evaluate import Row
+        from fewstep.io import atomic_write_json, read_json
+
+        cache = Path(f"/tmp/trajectory-tune-teacher-{ev.key.replace('/', '_')}.json")
+        if cache.is_file():
+            t_row = Row(**read_json(cache))
+        else:
+            t_row = ev.measure(teacher_sampler(teacher, "heun", 35), fidelity=False)
+            atomic_write_json(cache, t_row.to_dict())
+    rows = {"teacher_heun35": {"fid": t_row.fid, "fidelity": t_row.fidelity}}
+    for k in [int(s) for s in a.steps.split(",")]:
+        sampler = student_sampler(method, k)
+        if a.guidance is not None:
+            sampler.fn = lambda z, y, k=k: method.sample(z, k, y, guidance=a.guidance)
+        r = ev.measure(sampler, fidelity=a.fidelity)
+        rows[f"student_{k}"] = {"fid": r.fid, "ratio": r.fid / t_row.fid, "fidelity": r.fidelity,
+                                "precision": r.precision, "recall": r.recall}  # fmt: skip
+        print(k, rows[f"student_{k}"], flush=True)
+    record = {"method": a.method, "options": options, "minutes": round(minutes, 2), "steps": method.summary["step"],
+              "batch": a.batch, "ema_decay": a.ema_decay, "n": a.n, "guidance": a.guidance, "rows": rows,
+              "out": str(out)}  # fmt: skip
+    print(json.dumps(record))
+    with open(a.log, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
