@@ -243,3 +243,10 @@ def test_analytic_teachers_supply_exact_data(tmp_path):
     with pytest.raises(FewstepError, match="cannot initialise a student from a GaussianMixture"):
         fewstep.distill("analytic:gaussians8", "denoise", max_steps=1, out=tmp_path / "run", cpu=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_fsdp_configuration_is_refused_before_anything_is_written(tmp_path, teacher_dir, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert distill(teacher_dir, tmp_path / "run") == 2
+    one_line_error(capsys, "accelerate is configured for FSDP")
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,14 @@ def seed_process(seed: int, rank: int) -> None:
 
 def check_run(cfg: TrainConfig, method: Method, data: Dataset | None, world: int, device) -> None:
     """One-line errors for a run that cannot start (checked before anything is written)."""
+    from accelerate.utils import parse_flag_from_env
+
+    for plugin in ("FSDP", "DEEPSPEED"):
+        if parse_flag_from_env(f"ACCELERATE_USE_{plugin}"):
+            raise FewstepError(
+                f"accelerate is configured for {plugin}, which the engine does not support yet (it averages gradients "
+                "of whole parameters over processes); use a multi-GPU/CPU data-parallel config (docs/engine.md)"
+            )
     if cfg.batch % (world * cfg.grad_accum):
         raise FewstepError(f"batch {cfg.batch} must divide by processes x grad_accum = {world * cfg.grad_accum}")
     if cfg.mixed_precision == "fp16" and torch.device(device).type != "cuda":
