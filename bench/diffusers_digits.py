@@ -33,9 +33,16 @@ def train_teacher(folder: Path, minutes: float, seed: int = 0, batch: int = 128)
     torch.manual_seed(seed)
     data = load_dataset("digits")
     unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=32, num_class_embeds=11,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
+        num_class_embeds=11,
     )
     sched = diffusers.DDPMScheduler(prediction_type="v_prediction", clip_sample=False)
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -88,9 +95,9 @@ def main() -> None:
     import diffusers
 
     from fewstep.cli import main as fewstep
+    from fewstep.data import load_dataset
     from fewstep.eval.features import get_extractor
     from fewstep.eval.metrics import fid
-    from fewstep.data import load_dataset
     from fewstep.seeding import seeded_labels, seeded_noise
     from fewstep.solvers import sample
     from fewstep.teachers import load_teacher
@@ -127,7 +134,12 @@ def main() -> None:
             t0 = time.time()
             xs = [sample(teacher, seeded_noise(seeds[i : i + 500], (1, 8, 8)), solver, steps, labels[i : i + 500])[0]
                   for i in range(0, args.n, 500)]  # fmt: skip
-            row(f"teacher {solver} (fewstep)", 2 * steps - 1 if solver == "heun" else steps, torch.cat(xs), time.time() - t0)
+            row(
+                f"teacher {solver} (fewstep)",
+                2 * steps - 1 if solver == "heun" else steps,
+                torch.cat(xs),
+                time.time() - t0,
+            )
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(exported))
         pipe.set_progress_bar_config(disable=True)
         for steps in (1, 2, 4):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from diffusers_tiny import unet2d
 
+from diffusers_tiny import unet2d
 from fewstep.cli import main
 from fewstep.teachers.diffusers.students import lcm_sample
 
@@ -18,7 +18,9 @@ def gens(seeds):
 
 def test_distill_export_and_sample_in_diffusers(tmp_path, capsys):
     teacher = tmp_path / "teacher"
-    diffusers.DDPMPipeline(unet=unet2d(num_class_embeds=11), scheduler=diffusers.DDPMScheduler()).save_pretrained(teacher)
+    diffusers.DDPMPipeline(unet=unet2d(num_class_embeds=11), scheduler=diffusers.DDPMScheduler()).save_pretrained(
+        teacher
+    )
     run, out = tmp_path / "run", tmp_path / "exported"
     assert main(["distill", "--teacher", str(teacher), "--method", "cd", "--data", "digits", "--out", str(run),
                  "--max-steps", "2", "--batch", "8", "--set", "sample_n=0"]) == 0  # fmt: skip
