@@ -154,3 +154,16 @@ def test_engine_run_resumes_exactly_and_keeps_round_students(tmp_path):
     noise, labels = torch.randn(5, 2), torch.randint(0, 3, (5,))
     for k in (1, 2):
         assert torch.equal(loaded.sample(noise, k, labels), m.sample(noise, k, labels))
+
+
+def test_student_dropout_is_set_and_the_teacher_keeps_its_own():
+    from fewstep.networks.unet import UNetConfig
+    from fewstep.teachers.native import build_model
+
+    net = UNetConfig(channels=8, channel_mult=(1,), blocks=1, attn_resolutions=(), num_classes=2, dropout=0.3)
+    teacher = build_model("unet", net.to_dict(), {"sample_shape": [1, 8, 8], "num_classes": 2}).eval()
+    rates = lambda m: {b.dropout for b in m.modules() if isinstance(getattr(b, "dropout", None), float)}
+    m = ProgressiveDistillation(teacher, ProgressiveConfig(start_steps=2))
+    assert rates(m.student) == {0.0} and m.student.net.config.dropout == 0.0 and rates(m.teacher) == {0.3}
+    m = ProgressiveDistillation(teacher, ProgressiveConfig(start_steps=2, dropout=None))
+    assert rates(m.student) == {0.3}

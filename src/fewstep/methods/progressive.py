@@ -176,6 +176,21 @@ class RoundAnneal:
         return max(1.0 - (k - s.start(r)) / s.steps_per_round, 0.0)
 
 
+def set_dropout(net: nn.Module, p: float | None) -> None:
+    """Set the dropout rate of a student copied from the teacher (``None`` keeps the teacher's):
+    ``nn.Dropout`` modules and fewstep blocks with a float ``dropout`` attribute."""
+    if p is None:
+        return
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = p
+    config = getattr(getattr(net, "net", None), "config", None)
+    if config is not None and hasattr(config, "dropout"):
+        config.dropout = p
+
+
 def frozen_copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).eval().requires_grad_(False)
 
@@ -192,6 +207,7 @@ class ProgressiveConfig:
     weighting: str = "snr_trunc"  # max(SNR, 1)
     grad_clip: float | None = None
     lr_anneal: bool = False  # paper: linear decay to 0 within each round
+    dropout: float | None = 0.0  # the student's dropout (paper's CIFAR configs: 0); None: the teacher's
     rho: float = 7.0
 
 
@@ -213,6 +229,7 @@ class ProgressiveDistillation(Method):
         self.schedule = RoundSchedule(tuple(self.counts), c.steps_per_round, self._offset())
         self.fine = karras_sigmas(c.start_steps, teacher.sigma_min, teacher.sigma_max, c.rho)
         self.student = copy_teacher(teacher, extra_dims=extra_dims)
+        set_dropout(self.student, c.dropout)
         for k in self._kept_counts():
             setattr(self, f"student_{k}", frozen_copy(self.student))
 

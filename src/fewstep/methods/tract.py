@@ -49,6 +49,7 @@ from fewstep.methods.progressive import (
     frozen_copy,
     kept_student,
     loss_weight,
+    set_dropout,
     weighted_mse,
     x0_target,
 )
@@ -66,6 +67,7 @@ class TRACTConfig:
     teacher_solver: str = "heun"  # phase-0 teacher step: heun (EDM) or ddim
     weighting: str = "snr_trunc"  # max(SNR, 1); "edm" as tc_distill_edm.py
     grad_clip: float | None = 1.0
+    dropout: float | None = 0.0  # the student's dropout (tc_distill_edm.py's flag default: 0)
     rho: float = 7.0
 
 
@@ -105,6 +107,7 @@ class TRACT(Method):
         self.schedule = RoundSchedule(ph, c.steps_per_phase)
         self.fine = karras_sigmas(ph[0], teacher.sigma_min, teacher.sigma_max, c.rho)  # (T+1,) to 0
         self.student = copy_teacher(teacher)
+        set_dropout(self.student, c.dropout)
         self.self_teacher = frozen_copy(self.student)
         for k in ph[1:-1]:  # the last phase's student is the run's student
             setattr(self, f"student_{k}", frozen_copy(self.student))
