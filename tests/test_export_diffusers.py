@@ -178,3 +178,26 @@ def test_export_refuses_native_students_and_existing_folders(tmp_path):
     with pytest.raises(FewstepError, match="already exists"):
         export_diffusers(ode_student(teacher), tmp_path / "full")
     assert (tmp_path / "full" / "f").read_text() == "x"
+
+
+def test_sdxl_student_exports_with_added_conditions(tmp_path):
+    teacher = DiffusersDenoiser(unet2d_condition(sdxl=True), diffusers.DDPMScheduler(), vae=vae())
+    student = perturb(LCMStudent(teacher, guidance_embed_dim=8), seed=2).eval()
+    out = export_diffusers(student, tmp_path / "sdxl", teacher=teacher, steps=2, guidance=3.0)
+    none = {k: None for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(out), **none)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    cond = text_cond(2, sdxl=True)
+    # SDXL's micro-conditioning: (original size, crop corner, target size) of a 16x16 image
+    cond.time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).expand(2, 6)
+    images = pipe(
+        prompt_embeds=cond.encoder_hidden_states,
+        pooled_prompt_embeds=cond.pooled,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=gens(2),
+        output_type="pt",
+    ).images
+    mine = to_image(teacher.decode(lcm_sample(student, gens(2), 2, cond, guidance=3.0)))
+    assert torch.allclose(images, mine, atol=2e-4), (images - mine).abs().max()
