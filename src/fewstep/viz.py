@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fewstep.io import umask_mode
+
 
 def _atomic_save(path: Path, save) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,6 +21,7 @@ def _atomic_save(path: Path, save) -> None:
     os.close(fd)
     try:
         save(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
