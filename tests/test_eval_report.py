@@ -116,3 +116,57 @@ def test_eval_refuses_a_run_without_a_student(run_dir, tmp_path, capsys):
     shutil.copy(run_dir / "config.json", empty / "config.json")
     assert main(["eval", str(empty), *QUICK]) == 2
     one_line_error(capsys, "no usable checkpoint")
+
+
+def test_bench_writes_a_leaderboard(teacher_dir, tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "bench"
+    args = ["bench", "--teacher", str(teacher_dir), "--methods", "denoise,cd", "--max-steps", "3", "--batch", "8",
+            "--out", str(out), "--baselines", "euler", *QUICK]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "leaderboard:" in printed
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert {r["method"] for r in rows} == {"denoise", "cd"}
+    ratios = [float(r["ratio@1"]) for r in rows]
+    assert ratios == sorted(ratios) and all(r > 0 for r in ratios)
+    assert all(int(r["steps"]) == 3 for r in rows)
+    md = (out / "leaderboard.md").read_text()
+    assert "| 1 |" in md and "| 2 |" in md and "Baselines" in md
+    assert (out / "quality_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+    for m in ("denoise", "cd"):
+        assert (out / "runs" / m / "report.md").is_file()
+
+
+def test_bench_refuses_unknown_methods_before_training(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--teacher", str(teacher_dir), "--methods", "denoise,nope", "--max-steps", "3",
+                 "--out", str(out), *QUICK]) == 2  # fmt: skip
+    one_line_error(capsys, "unknown method 'nope'")
+    assert not (out / "runs").exists()
+    assert main(["bench", "--teacher", str(teacher_dir), "--methods", "denoise", *QUICK]) == 2
+    one_line_error(capsys, "same budget")
+
+
+def test_demo_runs_end_to_end(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--teacher", str(teacher_dir), "--method", "denoise", "--minutes", "0.02", "--out", str(out),
+                 "--baselines", "dpmpp_2m", *QUICK]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "FID ratio at 1 NFE" in printed and f"report: {out / 'report.md'}" in printed
+    assert "## Speed" in (out / "report.md").read_text()
+
+
+def test_training_hook_logs_fid_during_distillation(teacher_dir, tmp_path):
+    from fewstep.eval import training_hook
+    from fewstep.train import distill
+    from fewstep.train.rundir import read_metrics
+
+    out = tmp_path / "run"
+    m = distill(str(teacher_dir), "denoise", max_steps=4, out=out, batch=8, sample_n=0, log_every=2, cpu=True,
+                eval_every=2, eval_hook=training_hook)  # fmt: skip
+    evals = [r for r in read_metrics(out) if "eval/fid@1" in r]
+    assert [r["step"] for r in evals] == [2, 4]  # every 2 iterations; the final one is step 4
+    assert all(r["eval/fid@1"] > 0 and 0 <= r["eval/precision@1"] <= 1 for r in evals)
+    assert m.summary["step"] == 4

@@ -70,6 +70,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run's student (or a model) against its teacher; writes report.md")
     p.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory, builtin:NAME, analytic:NAME or a model")
     p.add_argument("--out", default=None, help="report folder (default: the run directory)")
-    p.add_argument("--steps", type=int_list, default=(1, 2, 4), help="student steps to measure (default 1,2,4)")
+    p.add_argument("--steps", type=int_list, default=None,
+                   help="student steps to measure (default: the method's own, of 1,2,4)")  # fmt: skip
     add_protocol_args(p)
     p.set_defaults(func=run)

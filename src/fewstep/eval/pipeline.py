@@ -49,8 +49,9 @@ class Subject:
     cost: dict = field(default_factory=dict)
 
 
-def resolve(spec: str | Path, student_steps: tuple[int, ...] = (1, 2, 4)) -> Subject:
-    """A run directory (loads its evaluation-EMA student) or a model spec."""
+def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None) -> Subject:
+    """A run directory (loads its evaluation-EMA student) or a model spec. ``student_steps``
+    defaults to the method's own ``default_steps`` up to 4 (1, 2, 4 for multi-step students)."""
     from fewstep.teachers import load_teacher
     from fewstep.train.rundir import is_run_dir
 
@@ -62,6 +63,8 @@ def resolve(spec: str | Path, student_steps: tuple[int, ...] = (1, 2, 4)) -> Sub
         method = load_run(path)
         cfg = method.run["config"]
         teacher_spec = cfg["teacher"].get("spec") or f"{path}/teacher"
+        if student_steps is None:
+            student_steps = tuple(k for k in getattr(method, "default_steps", (1, 2, 4)) if k <= 4) or (1,)
         students = [student_sampler(method, k, f"{method.name}") for k in student_steps]
         return Subject(f"{method.name} run {path.name}", method.teacher, teacher_spec, method, path, students,
                        run_cost(path))  # fmt: skip

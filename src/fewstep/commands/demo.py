@@ -1,0 +1,70 @@
+"""``fewstep demo``: the whole product in about ten minutes on 2 CPU cores.
+
+Distills the shipped digits teacher (``builtin:digits``) with the best method available, evaluates
+the student at 1/2/4 steps against the teacher (Heun, 35 NFE) and the training-free solvers, and
+prints the headline (FID ratio at 1 NFE, speed-up) and the path of the report.
+
+The budget: ``--minutes`` of distillation (default 6), then a quick evaluation — 2,000 samples,
+one seed range (the benchmark protocol uses 10,000 × 3; ``fewstep eval RUN`` re-measures with it).
+The teacher's baseline rows are cached, so a second demo spends its time on the student only.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fewstep.commands.eval import add_protocol_args
+from fewstep.errors import FewstepError
+
+# Best first, by the CPU measurements on builtin:digits in docs/benchmarks.md; the first one that is
+# registered runs. "denoise" (not a distillation) keeps the demo alive on a bare install.
+PREFERENCE = ("cd", "ctm", "sid", "dmd2", "tract", "progressive", "kd", "denoise")
+
+
+def pick_method(name: str | None) -> str:
+    from fewstep.methods import available, get_method
+
+    if name:
+        return get_method(name).name
+    methods = available()
+    for m in PREFERENCE:
+        if m in methods:
+            return m
+    raise FewstepError("no distillation method is installed; `fewstep methods` lists what is available")
+
+
+def run(args) -> int:
+    from fewstep.commands.eval import settings_from
+    from fewstep.eval.pipeline import evaluate, resolve
+    from fewstep.train import distill
+
+    method = pick_method(args.method)
+    out = Path(args.out or f"runs/demo-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    settings = settings_from(args)
+    settings.speed_repeats = 3
+    settings.check()
+    t0 = time.time()
+    print(f"fewstep demo: distilling {args.teacher} with {method} for {args.minutes} min into {out}", flush=True)
+    distill(args.teacher, method, max_steps=None, out=out, minutes=args.minutes, seed=args.seed, sample_n=0)
+    print(f"evaluating {n_text(settings)} against the teacher and fast samplers", flush=True)
+    results = evaluate(resolve(out), settings, out, progress=lambda m: print(f"  {m}", flush=True))
+    print()
+    print(results["headline"])
+    print(f"total {((time.time() - t0) / 60):.1f} min; report: {out / 'report.md'}")
+    return 0
+
+
+def n_text(s) -> str:
+    return f"{s.n} samples × {s.repeats} seed range(s)"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="distill the shipped digits teacher and report (about 10 minutes on 2 CPUs)")
+    p.add_argument("--method", default=None, help=f"method to run (default: the first available of {PREFERENCE})")
+    p.add_argument("--teacher", default="builtin:digits")
+    p.add_argument("--minutes", type=float, default=6.0, help="distillation budget (default 6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default runs/demo-METHOD-TIMESTAMP)")
+    add_protocol_args(p, n_default=2000, seeds_default=1)
+    p.set_defaults(func=run, fidelity_n=500)

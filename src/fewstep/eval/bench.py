@@ -1,0 +1,172 @@
+"""``fewstep bench``: several methods, one teacher, one budget; a leaderboard and one plot.
+
+Each method is distilled through the engine (:func:`fewstep.train.distill`) into
+``OUT/runs/<method>`` with the same wall-clock budget, seed and batch, then evaluated by
+:func:`fewstep.eval.pipeline.evaluate` (its own report.md in the run directory). The teacher's
+reference and baseline rows are measured once (cached) and shared. A method that fails is
+recorded with its one-line error and the bench goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import traceback
+from pathlib import Path
+
+from fewstep.errors import FewstepError
+from fewstep.eval.evaluate import EvalSettings, Row
+from fewstep.eval.pipeline import evaluate as evaluate_subject
+from fewstep.eval.pipeline import resolve
+from fewstep.eval.report import SOLVER_NAMES, machine, quality_plot
+from fewstep.io import atomic_write_bytes, atomic_write_json
+
+
+def distill_and_evaluate(
+    teacher: str,
+    method: str,
+    run_dir: Path,
+    settings: EvalSettings,
+    minutes: float | None,
+    max_steps: int | None,
+    engine: dict,
+    progress=print,
+) -> dict:
+    """Distill one method into ``run_dir`` and evaluate it; returns its results (see pipeline)."""
+    from fewstep.train import distill
+
+    progress(f"== {method}: distilling ({minutes} min)" if minutes else f"== {method}: distilling ({max_steps} steps)")
+    distill(teacher, method, max_steps=max_steps, out=run_dir, minutes=minutes, overwrite=True, **engine)
+    progress(f"== {method}: evaluating")
+    return evaluate_subject(resolve(run_dir), settings, run_dir, progress=progress)
+
+
+def leaderboard_rows(results: dict[str, dict | str]) -> list[dict]:
+    """One row per method: FID and ratio at 1/2/4 NFE, precision/recall/fidelity at 1 NFE, speed,
+    cost; failed methods keep their error. Sorted by the FID ratio at 1 NFE."""
+    rows = []
+    for name, res in results.items():
+        if isinstance(res, str):
+            rows.append({"method": name, "error": res})
+            continue
+        t_fid = res["teacher_row"]["fid"]
+        row: dict = {"method": name}
+        for r in res["students"]:
+            k = r["nfe"]
+            row[f"fid@{k}"], row[f"fid_std@{k}"] = r["fid"], r["fid_std"]
+            row[f"ratio@{k}"] = r["fid"] / t_fid if t_fid else None
+            if k == min(s["nfe"] for s in res["students"]):
+                row.update(precision=r["precision"], recall=r["recall"], fidelity=r["fidelity"])
+        sps = {(s["kind"], s["nfe"]): s["samples_per_s"] for s in res["speed"]}
+        t_sps = sps.get(("teacher", res["teacher_row"]["nfe"]))
+        s1 = min((k for kind, k in sps if kind == "student"), default=None)
+        row["samples_per_s@1"] = sps.get(("student", s1))
+        row["speedup"] = row["samples_per_s@1"] / t_sps if (t_sps and row["samples_per_s@1"]) else None
+        row["minutes"], row["steps"] = res["cost"].get("minutes"), res["cost"].get("steps")
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r.get("ratio@1") is None, r.get("ratio@1") or 0.0))
+
+
+def _fmt(v, d: int = 2) -> str:
+    return "—" if v is None else f"{v:.{d}f}"
+
+
+def render_leaderboard(rows: list[dict], results: dict, args_line: str) -> str:
+    ok = next((r for r in results.values() if isinstance(r, dict)), None)
+    lines = ["# fewstep bench — leaderboard", ""]
+    if ok:
+        t = ok["teacher_row"]
+        p = ok["protocol"]
+        lines += [f"- teacher: `{ok['teacher']}`, reference sampler {SOLVER_NAMES.get(t['name'], t['name'])} @ "
+                  f"{t['nfe']} NFE: FID {t['fid']:.3f} ± {t['fid_std']:.3f}",
+                  f"- protocol: {p['n']} samples × {p['repeats']} seed range(s), features `{p['features']}`, "
+                  f"reference `{p['reference']}`; FID ratio = FID / teacher FID (same run)"]  # fmt: skip
+    lines += [f"- machine: {machine()}", f"- command: `{args_line}`", ""]
+    head = "| # | method | FID ratio @1 | @2 | @4 | FID @1 | precision @1 | recall @1 | fidelity @1 | " \
+           "speed-up @1 | minutes | steps |"  # fmt: skip
+    lines += [head, "|" + "---|" * 12]
+    for i, r in enumerate(rows, 1):
+        if "error" in r:
+            lines.append(f"| {i} | {r['method']} | failed: {r['error']} |" + " |" * 9)
+            continue
+        fid1 = f"{_fmt(r.get('fid@1'))} ± {_fmt(r.get('fid_std@1'))}" if r.get("fid@1") is not None else "—"
+        up = f"{r['speedup']:.1f}×" if r.get("speedup") else "—"
+        cells = [str(i), r["method"], _fmt(r.get("ratio@1")), _fmt(r.get("ratio@2")), _fmt(r.get("ratio@4")), fid1,
+                 _fmt(r.get("precision"), 3), _fmt(r.get("recall"), 3), _fmt(r.get("fidelity"), 4), up,
+                 _fmt(r.get("minutes"), 1), str(r.get("steps", "—"))]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if ok:
+        lines += ["", "Baselines (the teacher without distillation), FID ratio:", ""]
+        base = [Row(**b) for b in ok["baselines"]]
+        nfes = sorted({b.nfe for b in base})
+        lines += ["| solver | " + " | ".join(f"{k} NFE" for k in nfes) + " |", "|" + "---|" * (len(nfes) + 1)]
+        for solver in dict.fromkeys(b.name for b in base):
+            by = {b.nfe: b.fid / ok["teacher_row"]["fid"] for b in base if b.name == solver}
+            lines.append(f"| {SOLVER_NAMES.get(solver, solver)} | " + " | ".join(_fmt(by.get(k)) for k in nfes) + " |")
+    lines += [
+        "",
+        "![quality vs NFE](quality_vs_nfe.png)",
+        "",
+        "Each method's own report: `runs/<method>/report.md`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = ["method"] + sorted({k for r in rows for k in r} - {"method"})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def bench(
+    teacher: str,
+    methods: list[str],
+    out: str | Path,
+    settings: EvalSettings,
+    minutes: float | None,
+    max_steps: int | None = None,
+    engine: dict | None = None,
+    args_line: str = "",
+    progress=print,
+) -> tuple[list[dict], Path]:
+    """Run the bench; write ``leaderboard.md``, ``leaderboard.csv``, ``quality_vs_nfe.png``."""
+    from fewstep.methods import get_method
+
+    settings.check()
+    for m in methods:
+        get_method(m)  # unknown names fail before any training
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict | str] = {}
+    for m in methods:
+        try:
+            results[m] = distill_and_evaluate(teacher, m, out / "runs" / m, settings, minutes, max_steps,
+                                              engine or {}, progress)  # fmt: skip
+        except FewstepError as e:
+            results[m] = str(e)
+        except Exception as e:  # a broken method must not sink the others; the trace goes to the log
+            (out / "runs").mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "runs" / f"{m}.error.txt", traceback.format_exc().encode())
+            results[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        if isinstance(results[m], str):
+            progress(f"== {m}: failed: {results[m]}")
+    rows = leaderboard_rows(results)
+    atomic_write_json(out / "results.json", results)
+    write_csv(rows, out / "leaderboard.csv")
+    ok = [r for r in results.values() if isinstance(r, dict)]
+    if ok:
+        series: dict[str, list[Row]] = {}
+        for b in ok[0]["baselines"]:
+            series.setdefault(b["name"], []).append(Row(**b))
+        for name, res in results.items():
+            if isinstance(res, dict):
+                series[name] = [Row(**{**r, "name": name}) for r in res["students"]]
+        floor = ok[0]["floor"]["fid"] if ok[0].get("floor") else None
+        quality_plot(series, out / "quality_vs_nfe.png", Row(**ok[0]["teacher_row"]), floor, title="fewstep bench")
+    path = out / "leaderboard.md"
+    atomic_write_bytes(path, render_leaderboard(rows, results, args_line).encode())
+    return rows, path
