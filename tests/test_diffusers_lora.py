@@ -139,3 +139,23 @@ def test_unet2d_lora_exports_merged(tmp_path):
     assert torch.allclose(images, (ref / 2 + 0.5).clamp(0, 1), atol=2e-4)
     with pytest.raises(FewstepError, match="cannot add LCM's guidance input"):
         teacher.consistency_student(extra_dims=1)
+
+
+@pytest.mark.slow
+def test_engine_trains_only_the_adapters(tmp_path):
+    from fewstep.train import distill, load_run
+
+    diffusers.DDPMPipeline(unet=unet2d(num_class_embeds=11), scheduler=diffusers.DDPMScheduler()).save_pretrained(
+        tmp_path / "teacher"
+    )
+    before = DiffusersDenoiser(unet2d(num_class_embeds=11), diffusers.DDPMScheduler()).model.state_dict()
+    method = distill(f"lora:4:{tmp_path / 'teacher'}", "cd", max_steps=2, out=tmp_path / "run", data="digits",
+                     batch=8, sample_n=0, options={"lr": 1e-2})  # fmt: skip
+    assert isinstance(method.student, LoRAStudent)
+    assert all("lora_" in k for k in method.student.state_dict())
+    base = {k.replace("base_layer.", ""): v for k, v in method.student.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], v) for k, v in before.items())  # the frozen weights never moved
+    assert any(v.abs().max() > 0 for k, v in method.student.state_dict().items() if "lora_B" in k)  # adapters did
+    again = load_run(tmp_path / "run")
+    for k, v in method.student.state_dict().items():
+        assert torch.equal(again.student.state_dict()[k], v)

@@ -131,7 +131,9 @@ class TextGuidance(Denoiser):
             raise FewstepError("guidance needs the prompts' conditioning; pass cond=TextConditioning(...)")
         n = x.shape[0]
         cond = TextConditioning(**cond) if isinstance(cond, dict) else cond
-        both = TextConditioning.cat([cond.expand(n), self.inner.uncond.expand(n)])
+        dt = cond.encoder_hidden_states.dtype
+        uncond = self.inner.uncond.expand(n).to(device=x.device, dtype=dt)
+        both = TextConditioning.cat([cond.expand(n).to(device=x.device), uncond])
         s = as_sigma(sigma, x)
         d_c, d_u = self.inner(torch.cat([x, x]), torch.cat([s, s]), both).chunk(2)
         w = torch.as_tensor(w, dtype=x.dtype, device=x.device)
