@@ -54,6 +54,10 @@ def test_eval_of_a_run_writes_the_report(run_dir, capsys):
     # baselines: 3 solvers at NFE 1 and 2 (Heun's 2 becomes 1 step = 1 NFE, a duplicate, dropped)
     assert sorted((r["name"], r["nfe"]) for r in res["baselines"]) == [
         ("dpmpp_2m", 1), ("dpmpp_2m", 2), ("euler", 1), ("euler", 2), ("heun", 1)]  # fmt: skip
+    by = {(r["name"], r["nfe"]): r for r in res["baselines"]}
+    # one step of Heun or DPM-Solver++ is an Euler step, and DPM-Solver++'s 2 steps are Euler's: same rows
+    assert by[("heun", 1)]["fid"] == by[("dpmpp_2m", 1)]["fid"] == by[("euler", 1)]["fid"]
+    assert by[("dpmpp_2m", 2)]["fid"] == by[("euler", 2)]["fid"]
     for r in res["students"]:
         assert r["fidelity"] > 0 and 0 <= r["precision"] <= 1 and r["swd"] > 0
     assert res["cost"]["steps"] == 4 and res["cost"]["minutes"] is not None

@@ -140,9 +140,10 @@ def _pictures(subject: Subject, ev: Evaluator, t_rows: list[Row], students: list
     panels = [(f"teacher {t_sampler.label}", generate(t_sampler, seeds, ev.shape, ev.classes)[0])]
     for sm in subject.students:
         panels.append((sm.label, generate(sm, seeds, ev.shape, ev.classes)[0]))
-    if not subject.students:  # a model alone: show its fast solvers beside its reference
+    if not subject.students:  # a model alone: its fast solvers (at the NFE nearest 4) beside its reference
+        few = min(s.baseline_nfe, key=lambda k: (abs(k - 4), k))
         for solver in s.baseline_solvers:
-            sm = teacher_sampler(subject.teacher, solver, min(s.baseline_nfe))
+            sm = teacher_sampler(subject.teacher, solver, few)
             panels.append((f"{SOLVER_NAMES.get(solver, solver)} @ {sm.nfe} NFE",
                            generate(sm, seeds, ev.shape, ev.classes)[0]))  # fmt: skip
     sample_figure(panels, out_dir / "samples.png", ev.ref_x if len(ev.shape) == 1 else None)
