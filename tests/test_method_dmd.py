@@ -79,6 +79,21 @@ def test_gradient_sign_on_a_1d_mixture():
     assert (-m.dm_gradient(x, None) < 0).all()
 
 
+def test_student_loss_is_dm_plus_weighted_regression():
+    """At initialisation the fake score equals the teacher, so the DM term is 0 and the generator
+    loss is exactly lambda_reg * ||G(z_ref) - y_ref||^2 on the (here single, repeated) stored pair."""
+    from fewstep.pairs import Pairs, teacher_fingerprint
+
+    teacher = ring2d(k=4, std=0.1)
+    z_ref, y_ref, c_ref = torch.randn(1, 2), torch.tensor([[0.3, -0.7]]), torch.tensor([2])
+    meta = {"sample_shape": [2], "num_classes": 4, "teacher_sha256": teacher_fingerprint(teacher)}
+    m = DMD(teacher, DMD.Config(reg_weight=0.25), student=OneStepGenerator(mlp(num_classes=4), 80.0),
+            pairs=Pairs(z_ref, y_ref, c_ref, meta))  # fmt: skip
+    loss = m.losses(Batch(size=6), 0, {"student"})["student"]
+    want = 0.25 * (m.student(z_ref, c_ref) - y_ref).pow(2).mean()
+    torch.testing.assert_close(loss, want)
+
+
 def test_teacher_gets_no_gradient_and_losses_are_independent():
     torch.manual_seed(0)
     teacher = mlp(num_classes=3).eval().requires_grad_(False)

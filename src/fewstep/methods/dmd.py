@@ -152,14 +152,20 @@ class DMD(Method):
         if not due & {"student", "fake_score"}:
             return out
         z, cond = self._noise_and_labels(batch)
+        n = z.shape[0]
+        ref = self.pairs.batch(n, z.device) if "student" in due and self.pairs is not None else None
+        if ref is not None:  # one generator pass over [z; z_ref] (one forward per backward under DDP)
+            z = torch.cat([z, ref[0]])
+            cond = None if cond is None else torch.cat([cond, ref[2]])
         with torch.set_grad_enabled("student" in due):
             x = self.student(z, cond)  # Algorithm 1: x = G(z)
+        if ref is not None:
+            x, x_ref = x[:n], x[n:]
+            cond = None if cond is None else cond[:n]
         if "student" in due:
             loss = self.dm_loss(x, cond)  # D_KL (Eq. 7)
-            if self.pairs is not None:  # + lambda_reg L_reg (Eq. 9) on stored pairs
-                z_ref, y_ref, c_ref = self.pairs.batch(batch.size, x.device)
-                reg = regression_loss(self.student(z_ref, c_ref), y_ref, self.config.reg_loss)
-                loss = loss + self.config.reg_weight * reg
+            if ref is not None:  # + lambda_reg L_reg (Eq. 9) on stored pairs
+                loss = loss + self.config.reg_weight * regression_loss(x_ref, ref[1], self.config.reg_loss)
             out["student"] = loss
         if "fake_score" in due:  # Eq. 6 on sg(x): the fake score follows the generator
             out["fake_score"] = dsm_loss(self.fake_score, x.detach(), cond, self.fake_sigma(x.shape[0], x.device))
