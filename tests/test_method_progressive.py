@@ -167,3 +167,15 @@ def test_student_dropout_is_set_and_the_teacher_keeps_its_own():
     assert rates(m.student) == {0.0} and m.student.net.config.dropout == 0.0 and rates(m.teacher) == {0.3}
     m = ProgressiveDistillation(teacher, ProgressiveConfig(start_steps=2, dropout=None))
     assert rates(m.student) == {0.3}
+
+
+def test_rounds_of_different_lengths():
+    s = RoundSchedule((8, 4, 2, 1), (1, 2, 3), offset=2)
+    assert [s.round_of(i) for i in range(10)] == [-1, -1, 0, 1, 1, 2, 2, 2, 2, 2]
+    assert [s.start(r) for r in range(3)] == [2, 3, 5]
+    m = _method(steps_per_round=(1, 2, 3), lr_anneal=True)
+    assert [m.optimizers()["student"].lr_schedule(k) for k in range(4)] == pytest.approx([1, 1, 0.5, 1])
+    with pytest.raises(FewstepError, match="round lengths"):
+        _method(steps_per_round=(1, 2))
+    with pytest.raises(FewstepError, match=">= 1"):
+        _method(steps_per_round=0)

@@ -119,24 +119,40 @@ def pick_steps(trained: list[int], steps: int) -> int:
 @dataclass(frozen=True)
 class RoundSchedule:
     """Rounds by iteration: round ``r`` turns a ``counts[r]``-step teacher into a
-    ``counts[r+1]``-step student over ``steps_per_round`` iterations, starting after ``offset``
-    iterations (round -1 before that). The last round continues past its nominal end."""
+    ``counts[r+1]``-step student over ``steps_per_round`` iterations (one length for all rounds,
+    or one per round), starting after ``offset`` iterations (round -1 before that). The last
+    round continues past its nominal end."""
 
     counts: tuple[int, ...]
-    steps_per_round: int
+    steps_per_round: int | tuple[int, ...]
     offset: int = 0
+
+    def __post_init__(self) -> None:
+        spr = self.steps_per_round
+        lengths = (spr,) if isinstance(spr, int) else tuple(spr)
+        if not isinstance(spr, int) and len(lengths) != self.rounds:
+            raise FewstepError(f"{len(lengths)} round lengths given for {self.rounds} rounds ({list(self.counts)})")
+        if any(n < 1 for n in lengths):
+            raise FewstepError(f"round lengths must be >= 1 iteration, got {list(lengths)}")
 
     @property
     def rounds(self) -> int:
         return len(self.counts) - 1
 
+    def length(self, r: int) -> int:
+        spr = self.steps_per_round
+        return spr if isinstance(spr, int) else spr[r]
+
+    def start(self, r: int) -> int:
+        return self.offset + sum(self.length(i) for i in range(r))
+
     def round_of(self, iteration: int) -> int:
         if iteration < self.offset:
             return -1
-        return min((iteration - self.offset) // self.steps_per_round, self.rounds - 1)
-
-    def start(self, r: int) -> int:
-        return self.offset + r * self.steps_per_round
+        r = 0
+        while r < self.rounds - 1 and iteration >= self.start(r + 1):
+            r += 1
+        return r
 
     def teacher_steps(self, r: int) -> int:
         return self.counts[r]
@@ -173,7 +189,7 @@ class RoundAnneal:
         s, r = self.schedule, self.schedule.round_of(k)
         if r < 0:
             return 1.0
-        return max(1.0 - (k - s.start(r)) / s.steps_per_round, 0.0)
+        return max(1.0 - (k - s.start(r)) / s.length(r), 0.0)
 
 
 def set_dropout(net: nn.Module, p: float | None) -> None:
@@ -202,7 +218,7 @@ def frozen_copy(net: nn.Module) -> nn.Module:
 class ProgressiveConfig:
     start_steps: int = 64  # round-0 teacher's DDIM steps (the paper starts at 8192 / 1024)
     end_steps: int = 1
-    steps_per_round: int = 500  # paper: 50k updates per halving
+    steps_per_round: int | tuple[int, ...] = 500  # one length or one per round; paper: 50k each
     lr: float = 1e-4  # paper: 5e-5 (CIFAR-10), 1e-4 (ImageNet-64)
     weighting: str = "snr_trunc"  # max(SNR, 1)
     grad_clip: float | None = None

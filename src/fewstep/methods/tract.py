@@ -60,7 +60,7 @@ from fewstep.students import copy_teacher
 @dataclass
 class TRACTConfig:
     phases: tuple[int, ...] = (40, 1)  # tc_distill_edm.py; (1024, 32, 1) for its DDPM teacher
-    steps_per_phase: int = 1000  # reference: 96M samples over the phases
+    steps_per_phase: int | tuple[int, ...] = 1000  # one length or one per phase
     lr: float = 2e-4  # tc_distill.py (tc_distill_edm.py's flag default: 1e-3)
     sema: float = 0.5  # self-teacher EMA
     ema_residual: float = 1e-3  # evaluation EMA: weight left on a phase's start after the phase
@@ -120,9 +120,9 @@ class TRACT(Method):
 
     def emas(self) -> dict[str, EMASpec]:
         c = self.config
-        momentum = c.ema_residual ** (1 / c.steps_per_phase)
         out = {"self_teacher": EMASpec("student", c.sema)}
         for p, k in enumerate(self.phases[1:-1]):
+            momentum = c.ema_residual ** (1 / self.schedule.length(p))
             out[f"student_{k}"] = EMASpec("student", RoundEMA(self.schedule, p, momentum))
         return out
 
