@@ -10,7 +10,7 @@ Per-step time is ``(T(N2) - T(N1)) / (N2 - N1)`` for each loop, which cancels on
 the engine's final checkpoint). Engine and hand runs alternate so both see the same machine load;
 the report gives the median over repeats of wall-clock and process CPU time, and their ratio.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/engine_overhead.py [--repeats 7] [--n1 50] [--n2 250]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/engine_overhead.py [--model unet|mlp] [--repeats 7] [--n1 50] [--n2 250]
 """
 
 from __future__ import annotations
@@ -31,18 +31,27 @@ from fewstep.train.config import TrainConfig
 from fewstep.train.loop import train
 
 BATCH = 64
-NET = {"resolution": 8, "in_channels": 1, "channels": 32, "channel_mult": [1, 2], "blocks": 2, "num_classes": 10}
+MODELS = {  # (architecture, network, sample shape): the digits teacher's size, and a 2-D toy MLP
+    "unet": (
+        "unet",
+        {"resolution": 8, "in_channels": 1, "channels": 32, "channel_mult": [1, 2], "blocks": 2},
+        (1, 8, 8),
+    ),
+    "mlp": ("mlp", {"dim": 2, "hidden": 64, "depth": 2}, (2,)),
+}
 
 
-def teacher():
+def teacher(model: str):
     torch.manual_seed(0)
-    den = {"sample_shape": [1, 8, 8], "num_classes": 10}
-    return build_model("unet", NET, den).eval().requires_grad_(False)
+    arch, net, shape = MODELS[model]
+    den = {"sample_shape": list(shape), "num_classes": 10}
+    return build_model(arch, {**net, "num_classes": 10}, den).eval().requires_grad_(False)
 
 
-def data() -> Dataset:
+def data(model: str) -> Dataset:
     g = torch.Generator().manual_seed(0)
-    return Dataset(torch.rand(1000, 1, 8, 8, generator=g) * 2 - 1, torch.randint(10, (1000,), generator=g), 10, "bench")
+    x = torch.rand(1000, *MODELS[model][2], generator=g) * 2 - 1
+    return Dataset(x, torch.randint(10, (1000,), generator=g), 10, "bench")
 
 
 def engine(steps: int, t, d) -> tuple[float, float]:
@@ -83,10 +92,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--n1", type=int, default=50)
     p.add_argument("--n2", type=int, default=250)
+    p.add_argument("--model", choices=tuple(MODELS), default="unet")
     args = p.parse_args()
     torch.set_num_threads(1)
-    t, d = teacher(), data()
-    print(f"UNet {sum(p.numel() for p in t.parameters()) / 1e6:.2f}M parameters, batch {BATCH}, 1 thread")
+    t, d = teacher(args.model), data(args.model)
+    print(f"{args.model}: {sum(p.numel() for p in t.parameters()) / 1e6:.3f}M parameters, batch {BATCH}, 1 thread")
     engine(10, t, d), by_hand(10, t, d)  # warm-up: lazy initialisation, first-call costs
     results = {"engine": [], "hand": []}
     for r in range(args.repeats):

@@ -253,3 +253,24 @@ def test_sampling_and_evaluation_do_not_change_the_trajectory(tmp_path):
         assert torch.equal(v, b.student.state_dict()[k]), k
     assert seen == [(3, False), (6, False)]  # every eval_every steps and at the end, in eval mode
     assert [r["eval/score"] for r in read_metrics(tmp_path / "a") if "eval/score" in r] == [3.0, 6.0]
+
+
+def test_learning_rate_schedules_see_each_optimizers_own_step_count(tmp_path):
+    seen = {"a": [], "b": []}
+
+    class Scheduled(Pair):
+        def optimizers(self):
+            specs = super().optimizers()
+            for name, spec in specs.items():
+                spec.lr_schedule = lambda k, name=name: seen[name].append(k) or (0.0 if k < 2 else 1.0)
+            return specs
+
+    method = Scheduled(tiny_teacher(), PairConfig(b_every=3, b_offset=1))
+    a0 = state_of(method.student)
+    snaps = []
+    inner = method.losses
+    method.losses = lambda batch, step, due: (snaps.append(state_of(method.student)), inner(batch, step, due))[1]
+    train(method, tiny_config(max_steps=8), tmp_path, data=tiny_data())
+    assert seen == {"a": list(range(8)), "b": [0, 1, 2]}  # b steps on iterations 1, 4, 7
+    for k in a0:  # lr multiplier 0 for the first two steps: the student did not move
+        assert torch.equal(snaps[2][k], a0[k]) and not torch.equal(snaps[3][k], a0[k]), k

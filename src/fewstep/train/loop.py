@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,20 +327,23 @@ def iteration(
         return
     for k in due:
         setup.optimizers[k].zero_grad(set_to_none=True)
-    finite = torch.ones((), dtype=torch.bool, device=feeder.device)
+    seen = []  # every loss of the iteration, detached
+    autocast = acc.autocast if cfg.mixed_precision != "no" else nullcontext
     for batch in feeder.iteration():
-        with acc.autocast():
+        with autocast():
             losses = method.losses(batch, step, set(due))
         if set(losses) != set(due):
             raise FewstepError(
                 f"method {method.name!r} returned losses {sorted(losses)} for due optimizers {sorted(due)}"
             )
         for j, k in enumerate(due):
-            loss = losses[k]
-            acc.backward(loss / cfg.grad_accum, inputs=setup.params[k], retain_graph=j < len(due) - 1)
-            ok = torch.isfinite(loss.detach())
-            finite &= ok
-            window.add(k, loss.detach(), ok)
+            loss = losses[k] / cfg.grad_accum if cfg.grad_accum > 1 else losses[k]
+            if acc.scaler is not None:  # fp16: accelerate's gradient scaler
+                loss = acc.scaler.scale(loss)
+            loss.backward(inputs=setup.params[k], retain_graph=j < len(due) - 1)
+            seen.append(losses[k].detach())
+            window.add(k, seen[-1])
+    finite = torch.isfinite(torch.stack(seen) if len(seen) > 1 else seen[0]).all()
     if acc.num_processes > 1:
         for k in due:
             all_reduce_grads(setup.params[k], acc.num_processes)
@@ -412,43 +415,50 @@ def stop_reason(step: int, total: float, deadline: float, signum: int | None, ac
 
 
 class Window:
-    """Sums of losses and gradient norms between logging points, kept on the device."""
+    """Losses and gradient norms between logging points. A step only appends device tensors to a
+    list; every ``FOLD`` entries (and at each logging point) they are reduced to a finite-only sum
+    and count on the device."""
+
+    FOLD = 256
 
     def __init__(self, specs: dict[str, OptimizerSpec], device) -> None:
-        z = lambda: torch.zeros((), device=device)
-        self.sums = {k: z() for k in specs}
-        self.counts = {k: z() for k in specs}
-        self.norms = {k: z() for k in specs}
-        self.norm_counts = dict.fromkeys(specs, 0)
+        zero = lambda: torch.zeros((), device=device)
+        self.pending: dict[str, list[Tensor]] = {f"{kind}/{k}": [] for k in specs for kind in ("loss", "grad_norm")}
+        self.totals = {name: [zero(), zero()] for name in self.pending}  # finite sum, finite count
 
-    def add(self, k: str, loss: Tensor, ok: Tensor) -> None:
-        self.sums[k] += torch.where(ok, loss.float(), 0.0)
-        self.counts[k] += ok.float()
+    def add(self, k: str, loss: Tensor) -> None:
+        self._append(f"loss/{k}", loss)
 
     def add_norm(self, k: str, norm: Tensor) -> None:
-        self.norms[k] += norm.float()
-        self.norm_counts[k] += 1
+        self._append(f"grad_norm/{k}", norm)
+
+    def _append(self, name: str, value: Tensor) -> None:
+        self.pending[name].append(value)
+        if len(self.pending[name]) >= self.FOLD:
+            self._fold(name)
+
+    def _fold(self, name: str) -> None:
+        if self.pending[name]:
+            v = torch.stack(self.pending[name]).float()
+            ok = torch.isfinite(v)
+            self.totals[name][0] += torch.where(ok, v, 0.0).sum()
+            self.totals[name][1] += ok.float().sum()
+            self.pending[name] = []
 
     def flush(self, acc, counters: dict[str, Tensor]) -> dict[str, float]:
         """Means over the window (averaged over processes); the one host transfer per window."""
-        keys = list(self.sums)
-        columns = [self.sums, self.counts, self.norms]
-        packed = torch.stack([c[k] for c in columns for k in keys] + [counters["nonfinite"], counters["streak"]])
+        for name in self.pending:
+            self._fold(name)
+        names = list(self.totals)
+        packed = torch.stack([t for n in names for t in self.totals[n]] + [counters["nonfinite"], counters["streak"]])
         if acc.num_processes > 1:
             packed = acc.reduce(packed, "mean")
         values = packed.tolist()
-        n = len(keys)
-        out = {}
-        for i, k in enumerate(keys):
-            if values[n + i] > 0:
-                out[f"loss/{k}"] = values[i] / values[n + i]
-            if self.norm_counts[k]:
-                out[f"grad_norm/{k}"] = values[2 * n + i] / self.norm_counts[k]
-        out["nonfinite"], out["streak"] = values[3 * n], values[3 * n + 1]
-        for d in (self.sums, self.counts, self.norms):
-            for t in d.values():
-                t.zero_()
-        self.norm_counts = dict.fromkeys(keys, 0)
+        out = {n: values[2 * i] / values[2 * i + 1] for i, n in enumerate(names) if values[2 * i + 1] > 0}
+        out["nonfinite"], out["streak"] = values[-2], values[-1]
+        for total in self.totals.values():
+            total[0].zero_()
+            total[1].zero_()
         return out
 
 
