@@ -5,7 +5,8 @@ the student at 1/2/4 steps against the teacher (Heun, 35 NFE) and the training-f
 prints the headline (FID ratio at 1 NFE, speed-up) and the path of the report.
 
 The budget: ``--minutes`` of distillation (default 6), then a quick evaluation — 2,000 samples,
-one seed range (the benchmark protocol uses 10,000 × 3; ``fewstep eval RUN`` re-measures with it).
+one seed range, baselines at 1/2/4/8 NFE, fidelity on 200 seeds (the benchmark protocol uses
+10,000 × 3 and NFE up to 35; ``fewstep eval RUN`` re-measures with it).
 The teacher's baseline rows are cached, so a second demo spends its time on the student only.
 """
 
@@ -67,4 +68,4 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default runs/demo-METHOD-TIMESTAMP)")
     add_protocol_args(p, n_default=2000, seeds_default=1)
-    p.set_defaults(func=run, fidelity_n=500)
+    p.set_defaults(func=run, fidelity_n=200, baseline_nfe=(1, 2, 4, 8))  # the teacher row is Heun at 35 NFE

@@ -165,8 +165,7 @@ def bench(
         for name, res in results.items():
             if isinstance(res, dict):
                 series[name] = [Row(**{**r, "name": name}) for r in res["students"]]
-        floor = ok[0]["floor"]["fid"] if ok[0].get("floor") else None
-        quality_plot(series, out / "quality_vs_nfe.png", Row(**ok[0]["teacher_row"]), floor, title="fewstep bench")
+        quality_plot(series, out / "quality_vs_nfe.png", Row(**ok[0]["teacher_row"]), title="fewstep bench")
     path = out / "leaderboard.md"
     atomic_write_bytes(path, render_leaderboard(rows, results, args_line).encode())
     return rows, path

@@ -228,16 +228,22 @@ class Evaluator:
         sp = measure_speed(sampler, self.shape, self.classes, self.s.speed_batch, self.s.speed_repeats)
         return {"name": sampler.name, "kind": sampler.kind, **sp.to_dict()}
 
-    def floor(self, holdout: str | None = None) -> dict | None:
-        """FID of held-out real data against the reference (the best a perfect model can score at
-        that sample count): ``digits:test`` for ``digits:train``."""
+    def floor(self, teacher: Sampler | None = None, holdout: str | None = None) -> dict | None:
+        """FID of held-out real data against the reference — what a perfect model scores with that
+        many samples (``digits:test`` for ``digits:train``). FID is biased upward at few samples,
+        so ``teacher`` (its reference sampler) is also scored on the same number of seeds."""
         holdout = holdout or ({"digits:train": "digits:test", "digits": "digits:test"}.get(self.data or ""))
         if holdout is None:
             return None
         f = reference_features(self.extractor, holdout, cache=self.s.cache)
+        n, least = f.shape[0], min(100, f.shape[0])
         p, r = precision_recall(self.ref, f)
-        return {"data": holdout, "n": f.shape[0], "fid": fid(self.ref_stats, f, min_samples=min(100, f.shape[0])),
-                "kid": kid(self.ref, f, subsets=self.s.kid_subsets)[0], "precision": p, "recall": r}  # fmt: skip
+        out = {"data": holdout, "n": n, "fid": fid(self.ref_stats, f, min_samples=least),
+               "kid": kid(self.ref, f, subsets=self.s.kid_subsets)[0], "precision": p, "recall": r}  # fmt: skip
+        if teacher is not None:
+            x, _ = generate(teacher, range(n), self.shape, self.classes, self.s.batch)
+            out["teacher_fid_same_n"] = fid(self.ref_stats, self.extractor.features(x), min_samples=least)
+        return out
 
     def describe(self) -> dict:
         d = {**asdict(self.s), "features": self.extractor.name, "feature_dim": self.extractor.dim,

@@ -113,7 +113,7 @@ def _pm(mean, std, digits: int = 2) -> str:
 
 def quality_table(rows: Sequence[Row], teacher_fid: float | None, columns: Sequence[str]) -> list[str]:
     """Markdown rows of the quality table; ``columns`` picks optional columns that have values."""
-    head = ["sampler", "NFE", "FID", "FID ratio", "KID ×10³", "precision", "recall"]
+    head = ["sampler", "NFE", "FID", "FID ratio", "KID", "precision", "recall"]
     extra = {"fidelity": "fidelity RMSE", "label_acc": "label acc.", "swd": "SW₁", "loglik": "log-lik.",
              "modes": "modes", "mass_tv": "mode-mass TV"}  # fmt: skip
     head += [extra[c] for c in columns]
@@ -124,7 +124,7 @@ def quality_table(rows: Sequence[Row], teacher_fid: float | None, columns: Seque
             " ᶜ" if r.cached else ""
         )
         cells = [name, str(r.nfe), _pm(r.fid, r.fid_std), _f(ratio),
-                 _pm(None if r.kid is None else 1e3 * r.kid, None if r.kid_std is None else 1e3 * r.kid_std),
+                 _pm(r.kid, r.kid_std, 3),
                  _f(r.precision, 3), _f(r.recall, 3)]  # fmt: skip
         for c in columns:
             if c == "fidelity":
