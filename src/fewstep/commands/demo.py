@@ -18,9 +18,11 @@ from pathlib import Path
 from fewstep.commands.eval import add_protocol_args
 from fewstep.errors import FewstepError
 
-# Best first, by the CPU measurements on builtin:digits in docs/benchmarks.md; the first one that is
-# registered runs. "denoise" (not a distillation) keeps the demo alive on a bare install.
-PREFERENCE = ("cd", "ctm", "sid", "dmd2", "tract", "progressive", "kd", "denoise")
+# Best first; the first one that is registered runs. Evidence so far (builtin:digits, 2,000-sample
+# FID, 2 shared CPU cores, 2026-11-29): FID ratio at 1 NFE kd 5.5 (3 min), sid 8.5 (3 min),
+# cd 15.3 (6 min, docs/report-example). Update from the `fewstep bench` leaderboard in
+# docs/benchmarks.md. "denoise" (not a distillation) keeps the demo alive on a bare install.
+PREFERENCE = ("kd", "sid", "cd", "ctm", "dmd2", "tract", "progressive", "denoise")
 
 
 def pick_method(name: str | None) -> str:
