@@ -39,6 +39,11 @@ def run(args) -> int:
     if args.dry_run:
         print(json.dumps(plan.config(), indent=2))
         return 0
+    c = plan.cfg
+    budget = " and ".join(b for b in (c.max_steps and f"{c.max_steps} steps", c.minutes and f"{c.minutes:g} min") if b)
+    verb = "resuming" if plan.resume else "distilling"
+    print(f"{verb} {plan.method_cls.name} into {plan.out} (budget: {budget}); metrics in {plan.out}/metrics.jsonl",
+          flush=True)  # fmt: skip
     try:
         method = execute(plan, eval_hook=default_eval_hook())
     except TrainingInterrupted as e:
