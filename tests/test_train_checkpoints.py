@@ -215,3 +215,26 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(tmp_path):
     student = (out / "student" / "model.safetensors").read_bytes()
     assert student == (tmp_path / "ref" / "student" / "model.safetensors").read_bytes()
     assert load_tensors(out / "student" / "model.safetensors").keys() == state_of(tiny_teacher(hidden=64)).keys()
+
+
+def test_a_methods_extra_state_survives_a_resume(tmp_path):
+    class Counting(Pair):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.seen_batches = 0
+
+        def losses(self, batch, step, due):
+            self.seen_batches += 1
+            return super().losses(batch, step, due)
+
+        def extra_state(self):
+            return {"seen_batches": self.seen_batches}
+
+        def load_extra_state(self, state):
+            self.seen_batches = state["seen_batches"]
+
+    train(Counting(tiny_teacher()), tiny_config(max_steps=5, grad_accum=2), tmp_path, data=tiny_data())
+    assert ckpt.latest(tmp_path / "checkpoints").meta["method_state"] == {"seen_batches": 10}
+    resumed = Counting(tiny_teacher())
+    train(resumed, tiny_config(max_steps=8, grad_accum=2), tmp_path, data=tiny_data(), resume=True)
+    assert resumed.seen_batches == 16
