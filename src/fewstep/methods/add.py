@@ -48,6 +48,7 @@ from fewstep.methods._adversarial import (
     sd_levels,
     sd_sigmas,
 )
+from fewstep.methods._trajectory import set_dropout
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, d_loss, g_loss, no_param_grad, r1_on
 from fewstep.students import copy_teacher
@@ -69,6 +70,7 @@ class ADDConfig:
     d_lr: float = 1e-4  # discriminator heads
     betas: tuple[float, float] = (0.0, 0.99)
     gen_every: int = 1  # the student steps on every gen_every-th iteration; D on every one
+    dropout: float | None = 0.0  # student dropout (None: the teacher's)
     grad_clip: float | None = None
 
 
@@ -101,6 +103,7 @@ class ADD(Method):
         # L_distill's level: uniform over the 1000 SD timesteps, at equal SNR, within the teacher's range
         self.distill_sigmas = (sd_sigmas() * sd).clamp(teacher.sigma_min, teacher.sigma_max).float()
         self.student = student if student is not None else copy_teacher(teacher)
+        set_dropout(self.student, c.dropout)
         spec = c.features
         if features is not None:
             spec = features

@@ -42,6 +42,7 @@ from fewstep.methods._adversarial import (
     renoise_sample,
     rf_levels,
 )
+from fewstep.methods._trajectory import set_dropout
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, approx_r1_penalty, d_loss, g_loss, no_param_grad
 from fewstep.pairs import Pairs, ensure_pairs
@@ -63,6 +64,7 @@ class LADDConfig:
     d_lr: float = 1e-4
     betas: tuple[float, float] = (0.0, 0.99)
     gen_every: int = 1
+    dropout: float | None = 0.0  # student dropout (None: the teacher's)
     grad_clip: float | None = None
     pairs: str | None = None  # folder of teacher samples (`fewstep pairs`); None = generate into the cache
     num_pairs: int = 10000
@@ -96,6 +98,7 @@ class LADD(Method):
         self.levels = check_levels(c.student_sigmas or rf_levels(c.times, sd, teacher.sigma_max), teacher)
         self.default_steps = tuple(k for k in (1, 2, 4) if k <= len(self.levels))
         self.student = student if student is not None else copy_teacher(teacher)
+        set_dropout(self.student, c.dropout)
         self.features = feature_network(features if features is not None else c.features, teacher)
         self.discriminator = Discriminator(self.features, teacher.sample_shape, teacher.num_classes, c.head_hidden)
         if pairs is None:

@@ -40,6 +40,7 @@ from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.methods import register
 from fewstep.methods._adversarial import feature_network
+from fewstep.methods._trajectory import set_dropout
 from fewstep.methods.base import Batch, OptimizerSpec
 from fewstep.methods.progressive import (
     ProgressiveConfig,
@@ -69,6 +70,7 @@ class LightningConfig(ProgressiveConfig):
     d_lr: float = 1e-4
     betas: tuple[float, float] = (0.0, 0.99)
     gen_every: int = 1
+    dropout: float | None = 0.0  # student dropout (None: the teacher's)
 
 
 class PairDiscriminator(nn.Module):
@@ -102,6 +104,7 @@ class Lightning(ProgressiveDistillation):
             raise FewstepError(f"cond_fraction must lie in [0, 1], got {c.cond_fraction}")
         if c.gen_every < 1:
             raise FewstepError(f"gen_every must be >= 1, got {c.gen_every}")
+        set_dropout(self.student, c.dropout)
         self.features = feature_network(features if features is not None else c.features, teacher)
         if getattr(self.features, "trainable", False):
             raise FewstepError("lightning keeps its discriminator backbone frozen; pass a frozen feature network")

@@ -44,6 +44,7 @@ from fewstep.methods._adversarial import (
     renoise_sample,
     sd_levels,
 )
+from fewstep.methods._trajectory import set_dropout
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, d_loss, g_loss, no_param_grad, r1_on
 from fewstep.students import copy_teacher
@@ -64,6 +65,7 @@ class UFOGenConfig:
     d_lr: float = 1e-4
     betas: tuple[float, float] = (0.0, 0.99)
     gen_every: int = 1
+    dropout: float | None = 0.0  # student dropout (None: the teacher's)
     grad_clip: float | None = None
 
 
@@ -91,6 +93,7 @@ class UFOGen(Method):
         self.levels = check_levels(levels, teacher)
         self.default_steps = tuple(k for k in (1, 2, 4) if k <= len(self.levels))
         self.student = student if student is not None else copy_teacher(teacher)
+        set_dropout(self.student, c.dropout)
         self.features = feature_network(features if features is not None else c.features, teacher, c.trainable_backbone)
         self.discriminator = Discriminator(self.features, teacher.sample_shape, teacher.num_classes, c.head_hidden)
 
