@@ -247,3 +247,23 @@ def test_student_dropout_is_set_and_the_teacher_keeps_its_own():
     assert rates(kept) == {0.1} and kept.net.net.config.dropout == 0.1
     with pytest.raises(FewstepError, match="dropout"):
         CD(teacher, CDConfig(dropout=1.0))
+
+
+@pytest.mark.parametrize("name", ["cd", "lcm"])
+def test_the_engine_trains_it_and_moves_the_target_by_its_ema_rule(tmp_path, name):
+    """One engine iteration: theta^- <- mu theta^- + (1 - mu) theta, with theta^- starting at theta_0."""
+    from engine_helpers import tiny_data, tiny_teacher
+    from fewstep.train import distill
+
+    teacher = tiny_teacher()
+    options = {"target_decay": 0.7, "num_scales": 6, "skip": 1, "lr": 1e-2}
+    if name == "lcm":
+        options["guidance"] = (1.0, 3.0)
+    torch.manual_seed(0)  # the engine seeds with the run's seed before building the method
+    init = get_method(name)(teacher, get_method(name).Config(**options)).student.state_dict()
+    method = distill(teacher, name, max_steps=1, out=tmp_path / "run", data=tiny_data(), batch=8, sample_n=0,
+                     ema_decay=0.0, cpu=True, options=options)  # fmt: skip
+    theta, target = method.student.state_dict(), method.target.state_dict()
+    assert any(not torch.equal(theta[k], init[k]) for k in init)
+    for k in init:
+        assert torch.allclose(target[k], 0.7 * init[k] + 0.3 * theta[k], atol=1e-6), k

@@ -212,3 +212,20 @@ def test_short_run_moves_the_one_step_student_toward_the_teacher_ode():
                 p_t.lerp_(p_s, 1 - config.target_decay)
     after = error()
     assert after < 0.5 * before, (before, after)
+
+
+def test_the_engine_trains_it_and_moves_the_target_by_its_ema_rule(tmp_path):
+    """One engine iteration: theta^- <- mu theta^- + (1 - mu) theta, with theta^- starting at theta_0."""
+    from engine_helpers import tiny_data, tiny_teacher
+    from fewstep.train import distill
+
+    teacher = tiny_teacher()
+    options = {"target_decay": 0.6, "num_scales": 6, "max_heun_steps": 3, "lr": 1e-2}
+    torch.manual_seed(0)  # the engine seeds with the run's seed before building the method
+    init = CTM(teacher, CTMConfig(**options)).student.state_dict()
+    method = distill(teacher, "ctm", max_steps=1, out=tmp_path / "run", data=tiny_data(), batch=8, sample_n=0,
+                     ema_decay=0.0, cpu=True, options=options)  # fmt: skip
+    theta, target = method.student.state_dict(), method.target.state_dict()
+    assert any(not torch.equal(theta[k], init[k]) for k in init)
+    for k in init:
+        assert torch.allclose(target[k], 0.6 * init[k] + 0.4 * theta[k], atol=1e-6), k
