@@ -37,6 +37,7 @@ from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods._fake_score import dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.methods.progressive import set_dropout
 from fewstep.schedules import sample_lognormal
 from fewstep.students import OneStepGenerator, copy_teacher
 
@@ -52,6 +53,7 @@ class DiffInstructConfig:
     fake_updates: int = 1  # fake-score steps per generator step (1 in the reference loop)
     guidance: float = 1.0  # CFG scale of the real score (1 = the plain conditional teacher)
     grad_clip: float | None = None
+    dropout: float | None = None  # dropout of G and psi; None keeps the teacher's (as the reference)
 
 
 @register
@@ -72,6 +74,8 @@ class DiffInstruct(Method):
         # G(z) = D_theta(sigma_init z, sigma_init), initialised as a copy of the teacher
         self.student = student if student is not None else OneStepGenerator(copy_teacher(teacher), c.sigma_init)
         self.fake_score = make_fake_score(teacher)  # psi starts equal to the teacher
+        set_dropout(self.student, c.dropout)
+        set_dropout(self.fake_score, c.dropout)
         self.real_score = cfg(self.teacher, c.guidance)  # the teacher itself when guidance == 1
 
     def networks(self) -> dict[str, nn.Module]:

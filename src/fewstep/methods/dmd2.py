@@ -49,6 +49,7 @@ from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.methods.progressive import set_dropout
 from fewstep.networks.discriminator import TeacherFeatures, d_loss, g_loss, no_param_grad
 from fewstep.students import copy_teacher
 
@@ -60,6 +61,7 @@ class DMD2Config:
     betas: tuple[float, float] = (0.9, 0.999)  # train_edm.py: AdamW defaults
     weight_decay: float = 0.01
     grad_clip: float | None = 10.0  # --max_grad_norm
+    dropout: float | None = None  # dropout of G and psi; None keeps the teacher's (as the reference)
     warmup: int = 500  # --warmup_step: linear lr warm-up over this many iterations (both networks)
     fake_updates: int = 5  # --dfake_gen_update_ratio
     dm_lo: float = 0.02  # --min_step_percent / --max_step_percent of the Karras grid
@@ -122,6 +124,8 @@ class DMD2(Method):
         self.needs_data = c.gan
         self.student = student if student is not None else copy_teacher(teacher)  # G(x, sigma), a teacher copy
         self.fake_score = make_fake_score(teacher)
+        set_dropout(self.student, c.dropout)
+        set_dropout(self.fake_score, c.dropout)
         self.real_score = cfg(self.teacher, c.guidance)  # the teacher itself when guidance == 1
         grid = KarrasSigmaSampler.of(teacher)
         self.fake_sigma, self.gan_sigma = grid, KarrasSigmaSampler.of(teacher, 0.0, c.gan_hi)

@@ -40,6 +40,7 @@ from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods._fake_score import dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.methods.progressive import set_dropout
 from fewstep.networks.discriminator import no_param_grad
 from fewstep.schedules import sample_lognormal
 from fewstep.students import OneStepGenerator, copy_teacher
@@ -59,6 +60,7 @@ class SiDConfig:
     fake_updates: int = 1  # fake-score steps per generator step (1 in the reference loop)
     guidance: float = 1.0  # CFG scale of the real score (1 = the plain conditional teacher)
     grad_clip: float | None = None
+    dropout: float | None = None  # dropout of G and psi; None keeps the teacher's (as the reference)
 
 
 def sid_sigma(n: int, tmax: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -96,6 +98,8 @@ class SiD(Method):
             raise FewstepError(f"need fake_updates >= 1 and 0 < tmax <= 1000, got {c.fake_updates} and {c.tmax}")
         self.student = student if student is not None else OneStepGenerator(copy_teacher(teacher), c.sigma_init)
         self.fake_score = make_fake_score(teacher)
+        set_dropout(self.student, c.dropout)
+        set_dropout(self.fake_score, c.dropout)
         self.real_score = cfg(self.teacher, c.guidance)  # the teacher itself when guidance == 1
 
     def networks(self) -> dict[str, nn.Module]:
