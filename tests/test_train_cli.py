@@ -245,8 +245,19 @@ def test_analytic_teachers_supply_exact_data(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_fsdp_configuration_is_refused_before_anything_is_written(tmp_path, teacher_dir, capsys, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"ACCELERATE_USE_FSDP": "true"}, "configured for FSDP version 1"),  # accelerate's default version
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "configured for DEEPSPEED"),
+    ],
+)
+def test_fsdp1_and_deepspeed_configurations_are_refused_before_anything_is_written(
+    tmp_path, teacher_dir, capsys, monkeypatch, env, match
+):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     assert distill(teacher_dir, tmp_path / "run") == 2
-    one_line_error(capsys, "accelerate is configured for FSDP")
+    one_line_error(capsys, match)
     assert not (tmp_path / "run").exists()

@@ -187,7 +187,9 @@ def execute(plan: Plan, eval_hook=None) -> Method:
     from fewstep.io import atomic_write_json
     from fewstep.train.loop import check_run, train
 
-    state = PartialState()
+    # cpu= before accelerate's state exists: under an FSDP launch on a CPU machine, a state built
+    # without it sees a single process
+    state = PartialState(cpu=plan.cfg.cpu)
     torch.manual_seed(plan.cfg.seed)  # the method's own initialisation is identical on every process
     method = plan.method_cls(plan.teacher, plan.options)
     data = resolve_data(plan, method)
@@ -218,7 +220,12 @@ def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
     """Move the evaluation EMA into ``method.student`` and save it as ``out/student``."""
     from accelerate import PartialState
 
-    load_checkpoint_into(method, out, ema=True)
+    if any(hasattr(p, "device_mesh") for p in method.networks()["student"].parameters()):
+        # FSDP sharded the trained networks in place: rebuild the method whole from the checkpoint
+        device = next(iter(method.teacher.parameters()), torch.empty(0)).device
+        method = load_run(out, device=device, teacher=method.teacher)
+    else:
+        load_checkpoint_into(method, out, ema=True)
     if PartialState().is_main_process:
         save_student(method.student, out / "student", {"method": method.name, **summary})
     method.summary = summary

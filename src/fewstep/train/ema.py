@@ -26,6 +26,8 @@ class EMA:
         self.target_buffers = list(target.buffers())
         self.source_buffers = list(source.buffers())
         self.target, self.source = target, source
+        # a sharded (FSDP2, DTensor) source is gathered whole at each update; the copy stays whole
+        self.gather = any(hasattr(p, "full_tensor") for p in self.source_params)
 
     @classmethod
     def copy_of(cls, source: nn.Module) -> EMA:
@@ -37,7 +39,8 @@ class EMA:
     def update(self, weight: Tensor | float) -> None:
         """``target <- target + weight * (source - target)`` for parameters; buffers copied."""
         if self.target_params:
-            torch._foreach_lerp_(self.target_params, self.source_params, weight)
+            source = [p.full_tensor() for p in self.source_params] if self.gather else self.source_params
+            torch._foreach_lerp_(self.target_params, source, weight)
         for a, b in zip(self.target_buffers, self.source_buffers, strict=True):
             a.copy_(b)
 

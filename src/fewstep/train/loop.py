@@ -4,13 +4,16 @@ Read it top to bottom: set up (devices, optimizers, EMAs, data, resume), then it
 iteration draws ``grad_accum`` micro-batches, asks the method for the losses of the optimizers that
 are due, back-propagates each loss into its own optimizer's parameters only
 (``backward(inputs=...)``, so gradients never leak between optimizers and the frozen teacher never
-gets any), averages gradients over processes, clips, steps, and updates the EMA copies of the
-networks that stepped. Everything between logging points stays on the device.
+gets any; under FSDP2, where sharded parameters cannot be ``inputs=``, a backward into all
+trainable parameters whose other optimizers' part is discarded), averages gradients over processes,
+clips, steps, and updates the EMA copies of the networks that stepped. Everything between logging
+points stays on the device.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -34,6 +37,10 @@ from fewstep.train.feed import Feeder, check_data
 from fewstep.train.rundir import Metrics
 
 EvalHook = Callable[[Method, int, Path], "dict[str, float] | None"]
+FSDP1_REFUSED = (
+    "accelerate is configured for FSDP version 1, which wraps the method's networks; the engine runs FSDP2 "
+    "(fully_shard, in place): set fsdp_version: 2 in the accelerate config (docs/engine.md)"
+)
 DATA_STREAM = 1 << 32  # seed-sequence key of the shared data sampler (ranks use 0 .. world-1)
 
 
@@ -64,12 +71,13 @@ def check_run(cfg: TrainConfig, method: Method, data: Dataset | None, world: int
     """One-line errors for a run that cannot start (checked before anything is written)."""
     from accelerate.utils import parse_flag_from_env
 
-    for plugin in ("FSDP", "DEEPSPEED"):
-        if parse_flag_from_env(f"ACCELERATE_USE_{plugin}"):
-            raise FewstepError(
-                f"accelerate is configured for {plugin}, which the engine does not support yet (it averages gradients "
-                "of whole parameters over processes); use a multi-GPU/CPU data-parallel config (docs/engine.md)"
-            )
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise FewstepError(
+            "accelerate is configured for DEEPSPEED, which the engine does not support; use a data-parallel or "
+            "FSDP config (fsdp_version: 2, docs/engine.md)"
+        )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise FewstepError(FSDP1_REFUSED)
     if cfg.batch % (world * cfg.grad_accum):
         raise FewstepError(f"batch {cfg.batch} must divide by processes x grad_accum = {world * cfg.grad_accum}")
     if cfg.mixed_precision == "fp16" and torch.device(device).type != "cuda":
@@ -90,6 +98,47 @@ def make_accelerator(cfg: TrainConfig):
     if state and (state.get("_mixed_precision") != cfg.mixed_precision or state.get("_cpu", False) != cfg.cpu):
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+
+
+def fsdp_plugin(acc):
+    """accelerate's FSDP plugin when the launch configures FSDP (``ACCELERATE_USE_FSDP``), else ``None``.
+    accelerate 1.15 builds it only for GPUs; on the CPU it is built here from the same environment."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return None
+    plugin = getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise FewstepError(FSDP1_REFUSED)
+    return plugin
+
+
+def shard(setup: Setup, plugin) -> None:
+    """FSDP2: shard every trainable network in place with ``fully_shard`` (accelerate's plugin
+    settings; ``fsdp_transformer_layer_cls_to_wrap`` etc. are not applied: one unit per network).
+    Frozen networks and EMA copies stay whole on every process; the EMA trackers gather their
+    sources' full weights at each update."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for net in setup.nets.values():
+        fully_shard(
+            net,
+            reshard_after_forward=plugin.reshard_after_forward,
+            mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+            offload_policy=plugin.cpu_offload,
+        )
+    setup.params = {
+        k: [p for n in s.networks for p in setup.nets[n].parameters() if p.requires_grad]
+        for k, s in setup.specs.items()
+    }
+    setup.emas = {k: (EMA(t.target, setup.nets[spec.source]), spec, o) for k, (t, spec, o) in setup.emas.items()}
+    setup.eval_ema = EMA(setup.eval_ema.target, setup.nets["student"])
+    setup.sharded = True
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor of a sharded (DTensor) one — a collective: every process must call it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def make_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -123,6 +172,7 @@ class Setup:
     eval_ema: EMA
     student_opt: str
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    sharded: bool = False  # FSDP2: trainable networks sharded over processes
 
 
 def prepare(method: Method, device: torch.device | str) -> Setup:
@@ -239,6 +289,9 @@ def train(
     if world > 1:  # identical starting weights on every process
         for p in [p for n in setup.nets.values() for p in n.state_dict().values()] + setup.eval_ema.target_params:
             torch.distributed.broadcast(p.data, 0)
+    plugin = fsdp_plugin(acc)
+    if plugin is not None:
+        shard(setup, plugin)
     setup.optimizers = {k: make_optimizer(s, setup.params[k]) for k, s in setup.specs.items()}
     needs = data if getattr(method, "needs_data", False) else None
     data_seed = derive_seed(cfg.seed, DATA_STREAM)
@@ -327,6 +380,7 @@ def iteration(
         return
     for k in due:
         setup.optimizers[k].zero_grad(set_to_none=True)
+    stash: dict[str, list[Tensor | None]] = {k: [None] * len(setup.params[k]) for k in due} if setup.sharded else {}
     seen = []  # every loss of the iteration, detached
     autocast = acc.autocast if cfg.mixed_precision != "no" else nullcontext
     for batch in feeder.iteration():
@@ -340,13 +394,24 @@ def iteration(
             loss = losses[k] / cfg.grad_accum if cfg.grad_accum > 1 else losses[k]
             if acc.scaler is not None:  # fp16: accelerate's gradient scaler
                 loss = acc.scaler.scale(loss)
-            loss.backward(inputs=setup.params[k], retain_graph=j < len(due) - 1)
+            if setup.sharded:
+                isolated_backward(setup, loss, j < len(due) - 1, k, stash[k])
+            else:
+                loss.backward(inputs=setup.params[k], retain_graph=j < len(due) - 1)
             seen.append(losses[k].detach())
             window.add(k, seen[-1])
     finite = torch.isfinite(torch.stack(seen) if len(seen) > 1 else seen[0]).all()
-    if acc.num_processes > 1:
+    if setup.sharded:  # FSDP already averaged (reduce-scattered) the gradients over processes
+        for k in setup.params:
+            for p in setup.params[k]:
+                p.grad = None
         for k in due:
-            all_reduce_grads(setup.params[k], acc.num_processes)
+            for p, g in zip(setup.params[k], stash[k], strict=True):
+                p.grad = g
+    if acc.num_processes > 1:
+        if not setup.sharded:
+            for k in due:
+                all_reduce_grads(setup.params[k], acc.num_processes)
         finite = all_finite(finite)
     bad = (~finite).float()
     for k in due:
@@ -355,7 +420,7 @@ def iteration(
             acc.scaler.unscale_(opt)
         if spec.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(setup.params[k], spec.grad_clip)
-            window.add_norm(k, norm)
+            window.add_norm(k, full(norm))
         if spec.lr_schedule is not None:
             for group in opt.param_groups:
                 group["lr"] = spec.lr * float(spec.lr_schedule(steps_taken(spec, step)))
@@ -377,6 +442,19 @@ def iteration(
         setup.eval_ema.update((1.0 - cfg.ema_decay) * keep)
     counters["nonfinite"] += bad
     counters["streak"].mul_(bad).add_(bad)
+
+
+def isolated_backward(setup: Setup, loss: Tensor, retain: bool, k: str, stash: list[Tensor | None]) -> None:
+    """The FSDP path of ``backward(inputs=...)`` (sharded parameters are not leaves of the step's
+    graph, so ``inputs=`` would leave their gradients ``None``): back-propagate ``loss`` into every
+    trainable parameter from zero, and add what optimizer ``k``'s parameters got to ``stash``."""
+    for params in setup.params.values():
+        for p in params:
+            p.grad = None
+    loss.backward(retain_graph=retain)
+    for i, p in enumerate(setup.params[k]):
+        if p.grad is not None:
+            stash[i] = p.grad if stash[i] is None else stash[i] + p.grad
 
 
 def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
@@ -472,9 +550,10 @@ def progress_bar(cfg: TrainConfig, step: int, main: bool, name: str):
 
 # --- checkpoints --------------------------------------------------------------------------------
 def weights_of(method: Method, setup: Setup) -> dict[str, Tensor]:
+    """Every network's and EMA's weights, whole (sharded ones gathered: call on every process)."""
     out = {}
     for name, net in setup.nets.items():
-        out.update({f"net.{name}.{k}": v for k, v in net.state_dict().items()})
+        out.update({f"net.{name}.{k}": full(v) for k, v in net.state_dict().items()})
     for name, (tracker, _, _) in setup.emas.items():
         out.update({f"ema.{name}.{k}": v for k, v in tracker.target.state_dict().items()})
     out.update({f"eval_ema.{k}": v for k, v in setup.eval_ema.target.state_dict().items()})
@@ -494,6 +573,13 @@ def load_weights(method: Method, setup: Setup, weights: dict[str, Tensor], where
                 f"checkpoint {where} does not fit this run's {prefix.rstrip('.')} network (another method, teacher "
                 "or configuration); start a new run with another --out"
             )
+        if any(hasattr(v, "device_mesh") for v in expected.values()):  # sharded: take this process's shards
+            from torch.distributed.tensor import distribute_tensor
+
+            part = {
+                k: distribute_tensor(v.to(e.device), e.device_mesh, e.placements) if hasattr(e, "device_mesh") else v
+                for (k, v), e in ((kv, expected[kv[0]]) for kv in part.items())
+            }
         module.load_state_dict(part)
 
 
@@ -504,14 +590,16 @@ def save(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, ste
     rng_tensors, rng_meta = ckpt.rng_state(feeder.generator)
     ckpt.write_tensors(tmp, f"rng-{acc.process_index}.safetensors", rng_tensors, rng_meta)
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        ckpt.write_tensors(tmp, "weights.safetensors", weights_of(method, setup))
+    if acc.is_main_process or setup.sharded:  # sharded weights and optimizer state are gathered by all
+        weights = weights_of(method, setup)
         optim, optim_meta = {}, {}
         for k, opt in setup.optimizers.items():
             tensors, meta = ckpt.flatten_optimizer(opt, f"opt.{k}")
-            optim.update(tensors)
+            optim.update({name: full(v) for name, v in tensors.items()})
             optim_meta[k] = meta
         optim.update({f"counter.{k}": v for k, v in counters.items()})
+    if acc.is_main_process:
+        ckpt.write_tensors(tmp, "weights.safetensors", weights)
         ckpt.write_tensors(tmp, "optim.safetensors", optim)
         meta = {
             "method": method.name,
@@ -544,6 +632,8 @@ def restore(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, 
     load_weights(method, setup, found.tensors("weights.safetensors"), found.path)
     optim = found.tensors("optim.safetensors")
     for k, opt in setup.optimizers.items():
+        if setup.sharded:
+            optim.update(shard_optimizer_state(opt, optim, f"opt.{k}"))
         ckpt.load_optimizer(opt, optim, meta["optimizers"][k], f"opt.{k}")
     for k, t in counters.items():
         t.copy_(optim[f"counter.{k}"])
@@ -552,10 +642,24 @@ def restore(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, 
     return found.step
 
 
+def shard_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The whole optimizer-state tensors of sharded parameters, cut to this process's shards."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    out = {}
+    for name, v in tensors.items():
+        if name.startswith(prefix + "."):
+            p = params[int(name[len(prefix) + 1 :].split(".", 1)[0])]
+            if hasattr(p, "device_mesh") and v.shape == p.shape:
+                out[name] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    return out
+
+
 # --- samples and evaluation ---------------------------------------------------------------------
 def sample_grids(method: Method, setup: Setup, run_dir: Path, step: int, n: int, acc) -> None:
     """Seeded sample grids of the evaluation EMA at each of the method's step counts."""
-    if acc.is_main_process and n:
+    if acc.is_main_process and n and not setup.sharded:  # FSDP: sample the saved run (fewstep sample)
         from fewstep.seeding import seeded_labels, seeded_noise
         from fewstep.viz import save_samples
 
@@ -576,7 +680,7 @@ def sample_grids(method: Method, setup: Setup, run_dir: Path, step: int, n: int,
 
 def run_eval(hook: EvalHook, method: Method, setup: Setup, run_dir: Path, step: int, metrics: Metrics, acc) -> None:
     """Call the evaluation hook on the main process with the evaluation EMA in place."""
-    if acc.is_main_process:
+    if acc.is_main_process and not setup.sharded:  # FSDP: evaluate the saved run (fewstep eval)
         with sampling_weights(method, setup):
             result = hook(method, step, run_dir)
         if result:

@@ -1,0 +1,145 @@
+"""Many processes through `accelerate launch` (2 CPU processes, gloo): FSDP2 (`fully_shard`) and
+plain data parallelism each equal one process at the same global batch within float tolerance (an
+FSDP run stopped half-way and resumed included); `fewstep distill` under FSDP equals the same
+command under data parallelism, and its saved student loads in a single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_helpers import Pair, PairConfig, tiny_config, tiny_data, tiny_teacher
+from fewstep.train import checkpoint as ckpt
+from fewstep.train.loop import train
+from fewstep.train.rundir import read_metrics
+from test_engine_ddp import free_port
+
+TESTS = Path(__file__).parent
+CFG = dict(max_steps=6, batch=8, checkpoint_every=3, log_every=3)
+
+COMMON = """compute_environment: LOCAL_MACHINE
+num_machines: 1
+machine_rank: 0
+num_processes: 2
+mixed_precision: 'no'
+use_cpu: true
+"""
+FSDP = (
+    COMMON
+    + """distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+"""
+)
+DDP = COMMON + "distributed_type: MULTI_GPU\n"  # torchrun-style launcher; the run itself says cpu=True
+
+SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from engine_helpers import Pair, PairConfig, tiny_config, tiny_data, tiny_teacher
+from fewstep.train.loop import train
+
+torch.set_num_threads(1)
+out, half = sys.argv[1], {cfg!r}["max_steps"] // 2
+method = Pair(tiny_teacher(), PairConfig(b_every=2, grad_clip=0.5))
+train(method, tiny_config(**{{**{cfg!r}, "max_steps": half}}), out, data=tiny_data())  # stop half-way,
+method = Pair(tiny_teacher(), PairConfig(b_every=2, grad_clip=0.5))  # then resume a fresh method
+train(method, tiny_config(**{cfg!r}), out, data=tiny_data(), resume=True)
+rank = torch.distributed.get_rank()
+frozen = list(method.teacher.parameters()) + list(method.frozen_head.parameters()) + list(method.b_ema.parameters())
+info = {{
+    "student": type(method.student.weight).__name__,
+    "local": list(getattr(method.student.weight, "_local_tensor", method.student.weight).shape),
+    "frozen_whole": all(type(p) is torch.nn.Parameter for p in frozen),
+    "frozen_grads": [p.grad is not None or p.requires_grad for p in frozen],
+}}
+with open(f"{{out}}-rank{{rank}}.json", "w") as f:
+    json.dump(info, f)
+"""
+
+
+def launch(tmp_path: Path, config: str, *args: str) -> None:
+    (tmp_path / "acc.yaml").write_text(config)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(accelerate), "launch", "--config_file", str(tmp_path / "acc.yaml"), "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(free_port()), *args]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_same_checkpoint(a: Path, b: Path, step: int) -> None:
+    ca, cb = ckpt.latest(a), ckpt.latest(b)
+    assert ca.step == cb.step == step and cb.meta["world_size"] == 2
+    for name in ("weights.safetensors", "optim.safetensors"):
+        ta, tb = ca.tensors(name), cb.tensors(name)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            torch.testing.assert_close(tb[k], ta[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def pair_run(tmp_path: Path, config: str) -> None:
+    """The two-optimizer Pair method (loss a also reaches b, so a gradient leak would show; its
+    losses depend on the data only) in 2 processes under ``config``, stopped at step 3 and resumed,
+    against 1 process: weights, optimizer state, logged statistics."""
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(TESTS), cfg=CFG))
+    launch(tmp_path, config, str(script), str(tmp_path / "two"))
+    one = Pair(tiny_teacher(), PairConfig(b_every=2, grad_clip=0.5))
+    train(one, tiny_config(**CFG), tmp_path / "one", data=tiny_data())
+    assert_same_checkpoint(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints", 6)
+    initial = Pair(tiny_teacher()).student.weight.detach()
+    assert not torch.allclose(ckpt.latest(tmp_path / "one" / "checkpoints").tensors("weights.safetensors")[
+        "net.student.weight"], initial)  # fmt: skip
+    for ra, rb in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
+        for key in ("loss/a", "loss/b", "grad_norm/a", "grad_norm/b"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_process(tmp_path):
+    pair_run(tmp_path, FSDP)
+    for rank in (0, 1):
+        info = json.loads((tmp_path / f"two-rank{rank}.json").read_text())
+        # the trainable networks were sharded (a 2x2 weight: one row per process); the frozen
+        # teacher, the frozen head and the EMA copy stay whole and never get gradients
+        assert info["student"] == "DTensor" and info["local"] == [1, 2]
+        assert info["frozen_whole"] and not any(info["frozen_grads"])
+
+
+@pytest.mark.slow
+def test_data_parallel_through_accelerate_launch_equals_one_process(tmp_path):
+    pair_run(tmp_path, DDP)
+    assert json.loads((tmp_path / "two-rank0.json").read_text())["student"] == "Parameter"
+
+
+@pytest.mark.slow
+def test_fsdp2_command_line_run_equals_data_parallel_and_loads_in_one_process(tmp_path):
+    """The documented command; its reference is the same command under data parallelism (a
+    method that draws noise uses each process's own random stream, so 1 process would differ)."""
+    from fewstep.teachers.native import save_model
+    from fewstep.train import load_run
+
+    teacher = str(save_model(tiny_teacher(), tmp_path / "teacher"))
+    args = ["-m", "fewstep", "distill", "--teacher", teacher, "--method", "denoise", "--data", "moons:500",
+            "--batch", "8", "--max-steps", "4", "--set", "sample_n=0", "--set", "log_every=2",
+            "--set", "cpu=true"]  # fmt: skip
+    launch(tmp_path, FSDP, *args, "--out", str(tmp_path / "fsdp"))
+    launch(tmp_path, DDP, *args, "--out", str(tmp_path / "ddp"))
+    assert_same_checkpoint(tmp_path / "ddp" / "checkpoints", tmp_path / "fsdp" / "checkpoints", 4)
+    a, b = load_run(tmp_path / "ddp"), load_run(tmp_path / "fsdp")  # one process loads the FSDP run
+    weights = ckpt.latest(tmp_path / "fsdp" / "checkpoints").tensors("weights.safetensors")
+    for (k, va), vb in zip(a.student.state_dict().items(), b.student.state_dict().values(), strict=True):
+        assert type(vb) is torch.Tensor
+        torch.testing.assert_close(vb, weights[f"eval_ema.{k}"], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-6, msg=k)
+    assert (tmp_path / "fsdp" / "student" / "model.safetensors").is_file()
