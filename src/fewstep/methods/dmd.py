@@ -44,6 +44,7 @@ from fewstep.methods import register
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.methods.kd import LOSSES, regression_loss
+from fewstep.methods.progressive import set_dropout
 from fewstep.pairs import Pairs, check_pairs_fit, ensure_pairs
 from fewstep.students import OneStepGenerator, copy_teacher
 
@@ -65,6 +66,7 @@ class DMDConfig:
     weight_decay: float = 0.01
     fake_updates: int = 1  # fake-score steps per generator step (Algorithm 1: 1)
     grad_clip: float | None = None
+    dropout: float | None = None  # dropout of the trained copies; None keeps the teacher's
 
 
 @register
@@ -93,6 +95,8 @@ class DMD(Method):
         sigma_init = c.sigma_init if c.sigma_init is not None else teacher.sigma_max
         self.student = student if student is not None else OneStepGenerator(copy_teacher(teacher), sigma_init)
         self.fake_score = make_fake_score(teacher)  # mu_fake starts as the teacher (Sec. 3.2)
+        set_dropout(self.student, c.dropout)
+        set_dropout(self.fake_score, c.dropout)
         self.real_score = cfg(self.teacher, c.guidance) if teacher.num_classes else self.teacher
         self.dm_sigma = KarrasSigmaSampler.of(teacher, *c.dm_sigma_range)
         self.fake_sigma = KarrasSigmaSampler.of(teacher)

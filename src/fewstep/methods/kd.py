@@ -32,6 +32,7 @@ from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.methods.progressive import set_dropout
 from fewstep.pairs import Pairs, check_pairs_fit, ensure_pairs
 from fewstep.students import OneStepGenerator, copy_teacher
 
@@ -60,6 +61,7 @@ class KDConfig:
     lr: float = 2e-4  # utils.py, CIFAR-10
     betas: tuple[float, float] = (0.9, 0.98)  # utils.py
     grad_clip: float | None = None
+    dropout: float | None = None  # dropout of the trained copies; None keeps the teacher's
 
 
 @register
@@ -85,6 +87,7 @@ class KD(Method):
             raise FewstepError(f"unknown KD loss {c.loss!r}; use one of {', '.join(LOSSES)}")
         sigma_init = c.sigma_init if c.sigma_init is not None else teacher.sigma_max
         self.student = student if student is not None else OneStepGenerator(copy_teacher(teacher), sigma_init)
+        set_dropout(self.student, c.dropout)
         self._pairs, self._pairs_checked = pairs, False  # read at the first loss (load_run needs none)
 
     @property
