@@ -55,12 +55,19 @@ train(method, tiny_config(**{{**{cfg!r}, "max_steps": half}}), out, data=tiny_da
 method = Pair(tiny_teacher(), PairConfig(b_every=2, grad_clip=0.5))  # then resume a fresh method
 train(method, tiny_config(**{cfg!r}), out, data=tiny_data(), resume=True)
 rank = torch.distributed.get_rank()
-frozen = list(method.teacher.parameters()) + list(method.frozen_head.parameters()) + list(method.b_ema.parameters())
+frozen = list(method.teacher.parameters()) + list(method.frozen_head.parameters())
+x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+sigma, labels = torch.ones(4), torch.tensor([0, 1, 0, 1])
+method.teacher(x, sigma, labels).pow(2).sum().backward()  # through the sharded teacher's input
+x_whole = x.detach().clone().requires_grad_(True)
+tiny_teacher()(x_whole, sigma, labels).pow(2).sum().backward()
 info = {{
     "student": type(method.student.weight).__name__,
     "local": list(getattr(method.student.weight, "_local_tensor", method.student.weight).shape),
-    "frozen_whole": all(type(p) is torch.nn.Parameter for p in frozen),
-    "frozen_grads": [p.grad is not None or p.requires_grad for p in frozen],
+    "frozen_sharded": [type(p).__name__ == "DTensor" and p.to_local().numel() < p.numel() for p in frozen],
+    "ema_whole": all(type(p) is torch.nn.Parameter for p in method.b_ema.parameters()),
+    "frozen_grads": [p.grad is not None or p.requires_grad for p in [*frozen, *method.b_ema.parameters()]],
+    "input_grad": (x.grad - x_whole.grad).abs().max().item(),
 }}
 with open(f"{{out}}-rank{{rank}}.json", "w") as f:
     json.dump(info, f)
@@ -89,8 +96,9 @@ def assert_same_checkpoint(a: Path, b: Path, step: int) -> None:
 
 def pair_run(tmp_path: Path, config: str) -> None:
     """The two-optimizer Pair method (loss a also reaches b, so a gradient leak would show; its
-    losses depend on the data only) in 2 processes under ``config``, stopped at step 3 and resumed,
-    against 1 process: weights, optimizer state, logged statistics."""
+    losses depend on the data only; under FSDP its teacher and frozen head are sharded too) in 2
+    processes under ``config``, stopped at step 3 and resumed, against 1 process: weights,
+    optimizer state, logged statistics."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(TESTS), cfg=CFG))
     launch(tmp_path, config, str(script), str(tmp_path / "two"))
@@ -110,10 +118,12 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path):
     pair_run(tmp_path, FSDP)
     for rank in (0, 1):
         info = json.loads((tmp_path / f"two-rank{rank}.json").read_text())
-        # the trainable networks were sharded (a 2x2 weight: one row per process); the frozen
-        # teacher, the frozen head and the EMA copy stay whole and never get gradients
+        # the trainable networks were sharded (a 2x2 weight: one row per process), and so were the
+        # frozen teacher and head (each process holds part of every parameter), which never get
+        # gradients but pass them to their input as a whole teacher does; the EMA copy stays whole
         assert info["student"] == "DTensor" and info["local"] == [1, 2]
-        assert info["frozen_whole"] and not any(info["frozen_grads"])
+        assert all(info["frozen_sharded"]) and info["ema_whole"] and not any(info["frozen_grads"])
+        assert info["input_grad"] < 1e-5
 
 
 @pytest.mark.slow

@@ -22,7 +22,8 @@ What a method can rely on (the contract of :mod:`fewstep.methods.base`, as the e
   ``lr * lr_schedule(k)`` applied, the optimizer stepped. Under FSDP2 (``accelerate launch`` with
   an FSDP config, docs/engine.md) the trainable networks are sharded in place (``fully_shard``;
   their parameters become ``DTensor``s), each loss is back-propagated into all of them and only its
-  own optimizer's gradients are kept — the same gradients; frozen networks and EMA copies stay whole.
+  own optimizer's gradients are kept — the same gradients; frozen networks are sharded too (one unit
+  per submodule with parameters; input gradients still flow through them); EMA copies stay whole.
 - **Frozen networks** (``frozen()``, the teacher by default) are put in eval mode with
   ``requires_grad=False`` and never get gradients or optimizer state.
 - **EMA copies** (``emas()``): attributes of the method, frozen, updated after every step of the

@@ -221,9 +221,11 @@ def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
     from accelerate import PartialState
 
     if any(hasattr(p, "device_mesh") for p in method.networks()["student"].parameters()):
-        # FSDP sharded the trained networks in place: rebuild the method whole from the checkpoint
+        # FSDP sharded the networks (the teacher too) in place: rebuild the method whole from the
+        # checkpoint, with the run's saved teacher (or its spec) loaded whole again
         device = next(iter(method.teacher.parameters()), torch.empty(0)).device
-        method = load_run(out, device=device, teacher=method.teacher)
+        sharded = any(hasattr(p, "device_mesh") for p in method.teacher.parameters())
+        method = load_run(out, device=device, teacher=None if sharded else method.teacher)
     else:
         load_checkpoint_into(method, out, ema=True)
     if PartialState().is_main_process:

@@ -116,17 +116,25 @@ def fsdp_plugin(acc):
 def shard(setup: Setup, plugin) -> None:
     """FSDP2: shard every trainable network in place with ``fully_shard`` (accelerate's plugin
     settings; ``fsdp_transformer_layer_cls_to_wrap`` etc. are not applied: one unit per network).
-    Frozen networks and EMA copies stay whole on every process; the EMA trackers gather their
-    sources' full weights at each update."""
+    The frozen networks (``frozen()``: the teacher, feature nets) are sharded too, one unit per
+    submodule that owns parameters (bottom-up), so that any forward through them — also a
+    submodule's, as feature extractors call — gathers what it needs; a network shared by several
+    attributes is sharded once, in place. EMA copies stay whole on every process; the EMA trackers
+    gather their sources' full weights at each update."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    options = dict(
+        reshard_after_forward=plugin.reshard_after_forward,
+        mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        offload_policy=plugin.cpu_offload,
+    )
     for net in setup.nets.values():
-        fully_shard(
-            net,
-            reshard_after_forward=plugin.reshard_after_forward,
-            mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
-            offload_policy=plugin.cpu_offload,
-        )
+        fully_shard(net, **options)
+    for net in setup.frozen:
+        for module in reversed(list(net.modules())):  # children before their parents
+            own = list(module.parameters(recurse=False))
+            if own and not any(hasattr(p, "device_mesh") for p in own):  # not sharded yet (shared modules)
+                fully_shard(module, **options)
     setup.params = {
         k: [p for n in s.networks for p in setup.nets[n].parameters() if p.requires_grad]
         for k, s in setup.specs.items()
@@ -172,6 +180,7 @@ class Setup:
     eval_ema: EMA
     student_opt: str
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    frozen: list[nn.Module] = field(default_factory=list)  # frozen() networks (FSDP2 shards them too)
     sharded: bool = False  # FSDP2: trainable networks sharded over processes
 
 
@@ -214,7 +223,7 @@ def prepare(method: Method, device: torch.device | str) -> Setup:
             raise FewstepError(f"method {method.name!r}: EMA {name!r} follows unknown network {spec.source!r}")
         emas[name] = (EMA(getattr(method, name), nets[spec.source]), spec, owner[spec.source])
     eval_ema = EMA.copy_of(nets["student"])
-    return Setup(nets, specs, params, emas, eval_ema, owner["student"])
+    return Setup(nets, specs, params, emas, eval_ema, owner["student"], frozen=list(frozen.values()))
 
 
 @contextmanager
