@@ -28,9 +28,9 @@ def test_levels_match_sd_timesteps_at_equal_snr():
     s = sd_sigmas()
     assert float(s[999]) == pytest.approx(14.6146, abs=1e-3)  # SD's scaled-linear schedule
     levels = sd_levels((999, 749, 499, 249), 0.5, 80.0)
-    assert levels[0] == 80.0
-    assert levels[1:] == pytest.approx((0.5 * 4.0817, 0.5 * 1.6129, 0.5 * 0.6932), abs=1e-3)
-    assert few_step_levels(levels, 1) == [80.0]
+    assert levels == pytest.approx((0.5 * 14.6146, 0.5 * 4.0817, 0.5 * 1.6129, 0.5 * 0.6932), abs=1e-3)
+    assert sd_levels((999,), 0.5, 5.0) == (5.0,)  # capped at the teacher's sigma_max
+    assert few_step_levels(levels, 1) == [levels[0]]
     assert few_step_levels(levels, 2) == [levels[0], levels[2]]  # SDXL-Turbo's 999, 499
     assert few_step_levels(levels, 4) == list(levels)
     with pytest.raises(FewstepError, match="1..4"):
@@ -76,12 +76,12 @@ def test_frozen_networks_get_no_gradient():
     for p in m.teacher.parameters():  # the analytic teacher has none; give it one to watch
         p.requires_grad_(False)
     x0 = ring2d().sample(16)
-    m.generator_loss(x0, None).backward()
+    m.generator_loss(m.generate(x0, None), None).backward()
     assert all(p.grad is None for p in m.features.parameters())
     assert all(p.grad is None for p in m.discriminator.parameters())  # G's loss leaves D alone
     assert any(p.grad is not None for p in m.student.parameters())
     m.student.zero_grad(set_to_none=True)
-    m.discriminator_loss(x0, None).backward()
+    m.discriminator_loss(x0, m.generate(x0, None), None).backward()
     assert all(p.grad is None for p in m.student.parameters())  # D's loss uses sg(G)
     assert all(p.grad is not None for p in m.discriminator.parameters())
 

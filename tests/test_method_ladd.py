@@ -9,7 +9,7 @@ import torch
 from adv_helpers import mlp_denoiser, nearest_mode_distance, run
 from fewstep.errors import FewstepError
 from fewstep.methods import get_method
-from fewstep.methods._adversarial import rf_levels
+from fewstep.methods._adversarial import rf_levels, sd_levels
 from fewstep.methods.base import Batch
 from fewstep.methods.ladd import LADD, LADDConfig
 from fewstep.networks.discriminator import TeacherFeatures
@@ -25,9 +25,11 @@ def make(teacher=None, n=1024, **kw):
     return LADD(teacher, LADDConfig(**kw), student=mlp_denoiser(32, 2), features=TeacherFeatures(backbone), pairs=pairs)
 
 
-def test_student_levels_are_sd3_turbo_times_at_equal_snr():
+def test_student_levels_add_by_default_or_sd3_turbo_times_at_equal_snr():
     assert rf_levels((1.0, 0.75, 0.5, 0.25), 0.5, 80.0) == pytest.approx((80.0, 1.5, 0.5, 0.5 / 3))
-    assert make().levels == pytest.approx(rf_levels((1.0, 0.75, 0.5, 0.25), ring2d().sigma_data, 80.0))
+    sd = ring2d().sigma_data
+    assert make(times=(1.0, 0.75, 0.5, 0.25)).levels == pytest.approx(rf_levels((1.0, 0.75, 0.5, 0.25), sd, 80.0))
+    assert make().levels == pytest.approx(sd_levels((999, 749, 499, 249), sd, 80.0))
 
 
 def test_discriminator_levels_are_logit_normal_and_high_noise_biased():
@@ -44,11 +46,10 @@ def test_discriminator_levels_are_logit_normal_and_high_noise_biased():
 def test_generator_loss_is_adversarial_only_on_renoised_teacher_features():
     m = make(gan_loss="hinge")
     x0 = ring2d().sample(8)
+    x_hat = m.generate(x0, None)
     torch.manual_seed(5)
-    loss = m.generator_loss(x0, None)
+    loss = m.generator_loss(x_hat, None)
     torch.manual_seed(5)
-    s = torch.tensor(m.levels)[torch.randint(len(m.levels), (8,))]
-    x_hat = m.student(x0 + s[:, None] * torch.randn_like(x0), s)
     t = torch.sigmoid(torch.randn(8) + 1.0)
     t_hat = (m.teacher.sigma_data * t / (1 - t)).clamp(m.teacher.sigma_min, m.teacher.sigma_max)
     x_t = x_hat + t_hat[:, None] * torch.randn_like(x_hat)
@@ -59,10 +60,10 @@ def test_generator_loss_is_adversarial_only_on_renoised_teacher_features():
 def test_frozen_teacher_features_get_no_gradient():
     m = make(ar1_weight=1.0)
     x0 = ring2d().sample(16)
-    m.generator_loss(x0, None).backward()
+    m.generator_loss(m.generate(x0, None), None).backward()
     assert all(p.grad is None for p in m.features.parameters())
     assert all(p.grad is None for p in m.discriminator.parameters())
-    m.discriminator_loss(x0, None).backward()
+    m.discriminator_loss(x0, m.generate(x0, None), None).backward()
     assert all(p.grad is None for p in m.features.parameters())
     assert all(p.grad is not None for p in m.discriminator.parameters())
     assert "features" in m.frozen() and not any(k.startswith("net") for k in m.discriminator.state_dict())

@@ -3,8 +3,9 @@
 - Noise levels "analogous" to the papers' timesteps: a level of a unit-variance latent model
   (Stable Diffusion's scaled-linear DDPM schedule; SD3's rectified-flow time) is mapped to the
   level of equal signal-to-noise ratio for data of standard deviation ``sigma_data``,
-  ``sigma = sigma_data * sigma_latent``. The first student level is the teacher's ``sigma_max``,
-  where few-step sampling starts from pure noise.
+  ``sigma = sigma_data * sigma_latent`` (capped at the teacher's ``sigma_max``). SD's timestep 999
+  becomes ``7.3`` for ``sigma_data = 0.5``; as SD does at t = 999, sampling starts there from pure
+  noise (``x = 7.3 z``), ignoring the tiny signal such a level still carries in training.
 - :func:`few_step_levels`/:func:`renoise_sample`: the sampler of ADD (Sauer et al. 2023, arXiv
   2311.17042, Sec. 3.1), LADD and UFOGen's multi-step mode — denoise to ``x0_hat`` at one level,
   re-noise it with fresh noise to the next level, repeat.
@@ -35,10 +36,9 @@ def sd_sigmas() -> Tensor:
 
 
 def sd_levels(timesteps: tuple[int, ...], sigma_data: float, sigma_max: float) -> tuple[float, ...]:
-    """Levels of SD timesteps at equal SNR for this data; the first becomes ``sigma_max``."""
+    """Levels of SD timesteps at equal SNR for this data (at most ``sigma_max``)."""
     s = sd_sigmas()
-    levels = [float(s[t]) * sigma_data for t in timesteps]
-    return (float(sigma_max), *levels[1:])
+    return tuple(min(float(s[t]) * sigma_data, float(sigma_max)) for t in timesteps)
 
 
 def rf_levels(times: tuple[float, ...], sigma_data: float, sigma_max: float) -> tuple[float, ...]:

@@ -147,18 +147,16 @@ class ADD(Method):
         c_t = (1 + (t / self.teacher.sigma_data) ** 2).rsqrt() if self.config.c_t == "exp" else torch.ones_like(t)
         return (c_t * (x_hat - target).square().flatten(1).mean(1)).mean()
 
-    def generator_loss(self, x0: Tensor, labels: Tensor | None) -> Tensor:
-        x_hat = self.generate(x0, labels)
+    def generator_loss(self, x_hat: Tensor, labels: Tensor | None) -> Tensor:
+        """Eq. 4 for a student output ``x_hat``: hinge adversarial loss plus ``lambda`` x Eq. 5."""
         with no_param_grad(self.discriminator):
             adv = g_loss(self.disc(x_hat, labels), self.config.gan_loss)
         return adv + self.config.distill_weight * self.distill_loss(x_hat, labels)
 
-    def discriminator_loss(self, x0: Tensor, labels: Tensor | None) -> Tensor:
+    def discriminator_loss(self, x0: Tensor, fake: Tensor, labels: Tensor | None) -> Tensor:
         """Hinge loss on real ``x0`` vs ``sg(x_hat)``, plus ``gamma/2`` R1 at the real images (Eq. 3)."""
         c = self.config
-        with torch.no_grad():
-            fake = self.generate(x0, labels)
-        loss = d_loss(self.disc(x0, labels), self.disc(fake, labels), c.gan_loss)
+        loss = d_loss(self.disc(x0, labels), self.disc(fake.detach(), labels), c.gan_loss)
         if c.r1_gamma > 0:
             loss = loss + c.r1_gamma / 2 * r1_on(lambda x: self.disc(x, labels), x0)
         return loss
@@ -166,11 +164,13 @@ class ADD(Method):
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         if batch.x is None:
             raise FewstepError("add trains on real images; give --data (or use a data set)")
-        out = {}
-        if "discriminator" in due:
-            out["discriminator"] = self.discriminator_loss(batch.x, batch.labels)
+        x0, labels, out = batch.x, batch.labels, {}
+        with torch.set_grad_enabled("student" in due):
+            x_hat = self.generate(x0, labels)  # one student pass serves both losses
         if "student" in due:
-            out["student"] = self.generator_loss(batch.x, batch.labels)
+            out["student"] = self.generator_loss(x_hat, labels)
+        if "discriminator" in due:
+            out["discriminator"] = self.discriminator_loss(x0, x_hat, labels)
         return out
 
     @torch.no_grad()

@@ -12,8 +12,11 @@ changes the discriminator and the data (Sec. 3.1-3.2):
 - there is no distillation loss: the generator loss is adversarial only,
   ``L_G = -E[D(F_teacher(x_hat + t_hat eps, t_hat))]``, the discriminator's the hinge loss.
 
-Student levels are SD3-Turbo's rectified-flow times 1, 0.75, 0.5, 0.25 at equal SNR for this data
-(:mod:`fewstep.methods._adversarial`); sampling re-noises between them (ADD's sampler).
+Student levels are ADD's (SD's timesteps 999/749/499/249 at equal SNR for this data,
+:mod:`fewstep.methods._adversarial`); sampling re-noises between them (ADD's sampler). SD3-Turbo's
+rectified-flow times 1, 0.75, 0.5, 0.25 are available (``times``), but their first level, pure
+noise, leaves a one-step student with no signal to start from: on 8x8 digits its output begins as
+the class mean and the GAN must unfold all diversity from the noise alone.
 
 Deviations: heads are class-conditioned by projection (the paper conditions on pooled text and the
 noise level; here the level reaches the heads through the teacher's features only); an optional
@@ -41,6 +44,7 @@ from fewstep.methods._adversarial import (
     pick,
     renoise_sample,
     rf_levels,
+    sd_levels,
 )
 from fewstep.methods._trajectory import set_dropout
 from fewstep.methods.base import Batch, Method, OptimizerSpec
@@ -51,8 +55,9 @@ from fewstep.students import copy_teacher
 
 @dataclass
 class LADDConfig:
-    times: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # SD3-Turbo's student timesteps (RF time)
-    student_sigmas: tuple[float, ...] = ()  # explicit levels (override times)
+    timesteps: tuple[int, ...] = (999, 749, 499, 249)  # ADD's student levels (SD timesteps, equal SNR)
+    times: tuple[float, ...] = ()  # SD3-Turbo's RF times instead, e.g. 1,0.75,0.5,0.25 (t = 1 -> sigma_max)
+    student_sigmas: tuple[float, ...] = ()  # explicit levels (override both)
     disc_m: float = 1.0  # logit-normal location of t_hat (Sec. 3.2: m = 1, s = 1)
     disc_s: float = 1.0
     features: str = "teacher"  # teacher features at every encoder level; "teacher-bottleneck" = middle only
@@ -95,7 +100,8 @@ class LADD(Method):
         if c.gen_every < 1:
             raise FewstepError(f"gen_every must be >= 1, got {c.gen_every}")
         sd = teacher.sigma_data
-        self.levels = check_levels(c.student_sigmas or rf_levels(c.times, sd, teacher.sigma_max), teacher)
+        levels = c.student_sigmas or (rf_levels(c.times, sd, teacher.sigma_max) if c.times else None)
+        self.levels = check_levels(levels or sd_levels(c.timesteps, sd, teacher.sigma_max), teacher)
         self.default_steps = tuple(k for k in (1, 2, 4) if k <= len(self.levels))
         self.student = student if student is not None else copy_teacher(teacher)
         set_dropout(self.student, c.dropout)
@@ -139,21 +145,20 @@ class LADD(Method):
         """Logits of the heads on the teacher's features of ``x`` re-noised to ``t_hat``."""
         return self.discriminator(noised(x, t_hat, noise), t_hat, labels)
 
-    def generator_loss(self, x0: Tensor, labels: Tensor | None) -> Tensor:
-        x_hat = self.generate(x0, labels)
-        t_hat = self.disc_sigma(x0.shape[0], x0.device, x0.dtype)
+    def generator_loss(self, x_hat: Tensor, labels: Tensor | None) -> Tensor:
+        """``-E[D(F_teacher(x_hat + t_hat eps, t_hat))]``: adversarial only, no distillation loss."""
+        t_hat = self.disc_sigma(x_hat.shape[0], x_hat.device, x_hat.dtype)
         with no_param_grad(self.discriminator):
             return g_loss(self.disc(x_hat, labels, t_hat), self.config.gan_loss)
 
-    def discriminator_loss(self, x0: Tensor, labels: Tensor | None) -> Tensor:
+    def discriminator_loss(self, x0: Tensor, fake: Tensor, labels: Tensor | None) -> Tensor:
+        """Teacher samples ``x0`` against ``sg(x_hat)``, each re-noised at its own ``t_hat``."""
         c = self.config
-        with torch.no_grad():
-            fake = self.generate(x0, labels)
         n, dev, dt = x0.shape[0], x0.device, x0.dtype
         t_real, t_fake = self.disc_sigma(n, dev, dt), self.disc_sigma(n, dev, dt)
         eps = torch.randn_like(x0)
         real_logits = self.disc(x0, labels, t_real, eps)
-        loss = d_loss(real_logits, self.disc(fake, labels, t_fake), c.gan_loss)
+        loss = d_loss(real_logits, self.disc(fake.detach(), labels, t_fake), c.gan_loss)
         if c.ar1_weight > 0:  # APT: ||D(x) - D(x + s n)||^2 at the same level and noise
             perturbed = self.disc(x0 + c.ar1_sigma * torch.randn_like(x0), labels, t_real, eps)
             loss = loss + c.ar1_weight * approx_r1_penalty(real_logits, perturbed)
@@ -163,10 +168,12 @@ class LADD(Method):
         device = next(self.student.parameters()).device
         _, x0, labels = self.pairs.batch(batch.size, device)
         out = {}
-        if "discriminator" in due:
-            out["discriminator"] = self.discriminator_loss(x0, labels)
+        with torch.set_grad_enabled("student" in due):
+            x_hat = self.generate(x0, labels)  # one student pass serves both losses
         if "student" in due:
-            out["student"] = self.generator_loss(x0, labels)
+            out["student"] = self.generator_loss(x_hat, labels)
+        if "discriminator" in due:
+            out["discriminator"] = self.discriminator_loss(x0, x_hat, labels)
         return out
 
     @torch.no_grad()

@@ -149,19 +149,19 @@ class Lightning(ProgressiveDistillation):
         x, s, s_next, x_next = self.transition(x0, n, teacher, labels)
         mse_round, cond, D = r < c.mse_rounds, self.conditional(step), self.discriminator
         out: dict[str, Tensor] = {}
+        with torch.set_grad_enabled("student" in due):
+            x0_hat = self.student(x, s, labels)  # one student pass serves both losses
+        x_hat = ddim_step(x, x0_hat, s, s_next)  # the student's jump s -> s_next
         if "discriminator" in due:  # trained in MSE rounds too, so it is ready when they end
-            with torch.no_grad():
-                fake = ddim_step(x, self.student(x, s, labels), s, s_next)
             real_logits = D(x_next, s_next, labels, x, s, cond)
-            out["discriminator"] = d_loss(real_logits, D(fake, s_next, labels, x, s, cond), c.gan_loss)
+            out["discriminator"] = d_loss(real_logits, D(x_hat.detach(), s_next, labels, x, s, cond), c.gan_loss)
         if "student" in due:
-            x0_hat = self.student(x, s, labels)
             w = loss_weight(s, c.weighting, self.teacher.sigma_data)
             mse = weighted_mse(x0_hat, x0_target(x, x_next, s, s_next), w)  # PD's squared error
             if mse_round:
                 out["student"] = mse
             else:
                 with no_param_grad(D):
-                    adv = g_loss(D(ddim_step(x, x0_hat, s, s_next), s_next, labels, x, s, cond), c.gan_loss)
+                    adv = g_loss(D(x_hat, s_next, labels, x, s, cond), c.gan_loss)
                 out["student"] = adv + c.mse_weight * mse if c.mse_weight > 0 else adv
         return out

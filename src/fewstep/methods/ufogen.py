@@ -128,21 +128,20 @@ class UFOGen(Method):
         """``D(x_{t-1}, t-1)`` on a sample of ``q(x_{t-1} | x0)``."""
         return self.discriminator(noised(x0, s_prev), s_prev, labels)
 
-    def generator_loss(self, x0: Tensor, labels: Tensor | None) -> Tensor:
+    def generator_loss(self, x0: Tensor, x0_hat: Tensor, s_prev: Tensor, labels: Tensor | None) -> Tensor:
+        """Eq. 7 for the generator: ``-log D(x'_{t-1})`` plus ``lambda_KL gamma_t ||x0 - x'_0||^2``."""
         c = self.config
-        x0_hat, s_prev = self.generate(x0, labels)
         with no_param_grad(self.discriminator):
             adv = g_loss(self.disc(x0_hat, s_prev, labels), c.gan_loss)
         gamma = 0.5 / s_prev.clamp_min(c.gamma_floor) ** 2  # KL(q(.|x'_0) || q(.|x0)) per unit squared error
         rec = (gamma * (x0 - x0_hat).square().flatten(1).mean(1)).mean()
         return adv + c.rec_weight * rec
 
-    def discriminator_loss(self, x0: Tensor, labels: Tensor | None) -> Tensor:
+    def discriminator_loss(self, x0: Tensor, fake: Tensor, s_prev: Tensor, labels: Tensor | None) -> Tensor:
+        """Eq. 7 for D: real ``q(x_{t-1} | x0)`` against ``q(x_{t-1} | sg(x'_0))`` at the same level."""
         c = self.config
-        with torch.no_grad():
-            fake, s_prev = self.generate(x0, labels)
-        x_real = noised(x0, s_prev)  # q(x_{t-1} | x0) at the same level as the fake
-        loss = d_loss(self.discriminator(x_real, s_prev, labels), self.disc(fake, s_prev, labels), c.gan_loss)
+        x_real = noised(x0, s_prev)
+        loss = d_loss(self.discriminator(x_real, s_prev, labels), self.disc(fake.detach(), s_prev, labels), c.gan_loss)
         if c.r1_gamma > 0:
             loss = loss + c.r1_gamma / 2 * r1_on(lambda x: self.discriminator(x, s_prev, labels), x_real)
         return loss
@@ -150,11 +149,13 @@ class UFOGen(Method):
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         if batch.x is None:
             raise FewstepError("ufogen trains on real images; give --data (or use a data set)")
-        out = {}
-        if "discriminator" in due:
-            out["discriminator"] = self.discriminator_loss(batch.x, batch.labels)
+        x0, labels, out = batch.x, batch.labels, {}
+        with torch.set_grad_enabled("student" in due):
+            x0_hat, s_prev = self.generate(x0, labels)  # one student pass serves both losses
         if "student" in due:
-            out["student"] = self.generator_loss(batch.x, batch.labels)
+            out["student"] = self.generator_loss(x0, x0_hat, s_prev, labels)
+        if "discriminator" in due:
+            out["discriminator"] = self.discriminator_loss(x0, x0_hat, s_prev, labels)
         return out
 
     @torch.no_grad()
