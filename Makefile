@@ -18,7 +18,7 @@ demo: setup
 	$(VENV)/bin/fewstep demo
 
 test: setup
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=2 $(PY) -m pytest -p no:cacheprovider tests
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
