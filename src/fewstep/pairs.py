@@ -155,7 +155,9 @@ def generate_pairs(
         for stale in out.glob(f".{shard_path(out, k).name}.*.tmp"):
             stale.unlink(missing_ok=True)
     total = sum(min(shard_size, n - k * shard_size) for k in todo)
-    bar = tqdm(total=total, desc=f"pairs [rank {rank}/{world}]", unit="pair", disable=not progress or total == 0, position=rank)
+    bar = tqdm(
+        total=total, desc=f"pairs [rank {rank}/{world}]", unit="pair", disable=not progress or total == 0, position=rank
+    )
     for k in todo:
         idx = list(range(k * shard_size, min((k + 1) * shard_size, n)))
         zs, xs, ys = [], [], []

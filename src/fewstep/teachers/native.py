@@ -52,10 +52,10 @@ def model_config(model: EDMDenoiser, info: dict | None = None) -> dict:
     }
 
 
-def save_model(model: EDMDenoiser, folder: str | Path, info: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``folder``."""
+def save_model(model: EDMDenoiser, folder: str | Path, info: dict | None = None, state: dict | None = None) -> Path:
+    """Write ``model.safetensors`` (``state``, default the model's own) and ``config.json`` into ``folder``."""
     folder = Path(folder)
-    save_tensors(folder / "model.safetensors", model.state_dict())
+    save_tensors(folder / "model.safetensors", model.state_dict() if state is None else state)
     atomic_write_json(folder / "config.json", model_config(model, info))
     return folder
 

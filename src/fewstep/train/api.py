@@ -217,21 +217,48 @@ def execute(plan: Plan, eval_hook=None) -> Method:
 
 
 def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
-    """Move the evaluation EMA into ``method.student`` and save it as ``out/student``."""
+    """Move the evaluation EMA into ``method.student`` and save it as ``out/student``.
+
+    Under FSDP the networks stay sharded: every process loads its shards of the evaluation EMA
+    from the checkpoint, the student's weights are gathered once to write ``out/student``, and the
+    teacher is never loaded whole (call the returned method on every process, or ``load_run`` the
+    saved run in one process)."""
     from accelerate import PartialState
 
+    state = None
     if any(hasattr(p, "device_mesh") for p in method.networks()["student"].parameters()):
-        # FSDP sharded the networks (the teacher too) in place: rebuild the method whole from the
-        # checkpoint, with the run's saved teacher (or its spec) loaded whole again
-        device = next(iter(method.teacher.parameters()), torch.empty(0)).device
-        sharded = any(hasattr(p, "device_mesh") for p in method.teacher.parameters())
-        method = load_run(out, device=device, teacher=None if sharded else method.teacher)
+        state = load_sharded_eval_ema(method, out)
     else:
         load_checkpoint_into(method, out, ema=True)
     if PartialState().is_main_process:
-        save_student(method.student, out / "student", {"method": method.name, **summary})
+        save_student(method.student, out / "student", {"method": method.name, **summary}, state=state)
     method.summary = summary
     return method
+
+
+def load_sharded_eval_ema(method: Method, out: Path) -> dict[str, torch.Tensor]:
+    """FSDP: put this process's shards of the newest checkpoint's evaluation EMA into the sharded
+    student (read tensor by tensor, never the whole file), and return the student's weights
+    gathered whole (a collective: every process calls it)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import distribute_tensor
+
+    from fewstep.train import checkpoint as ckpt
+    from fewstep.train.loop import full
+
+    found = ckpt.latest(out / "checkpoints")
+    if found is None:
+        raise FewstepError(f"run {out} has no usable checkpoint; nothing to save as its student")
+    student = method.networks()["student"]
+    expected = student.state_dict()
+    with safe_open(str(found.path / "weights.safetensors"), framework="pt") as f:
+        part = {}
+        for k, e in expected.items():
+            v = f.get_tensor(f"eval_ema.{k}").to(e.device)
+            part[k] = distribute_tensor(v, e.device_mesh, e.placements) if hasattr(e, "device_mesh") else v
+    student.load_state_dict(part)
+    student.eval().requires_grad_(False)
+    return {k: full(v) for k, v in student.state_dict().items()}
 
 
 # --- loading runs back --------------------------------------------------------------------------

@@ -26,8 +26,10 @@ class EMA:
         self.target_buffers = list(target.buffers())
         self.source_buffers = list(source.buffers())
         self.target, self.source = target, source
-        # a sharded (FSDP2, DTensor) source is gathered whole at each update; the copy stays whole
-        self.gather = any(hasattr(p, "full_tensor") for p in self.source_params)
+        # FSDP2 (DTensor): a copy sharded like its source updates shard by shard, locally; a whole
+        # copy of a sharded source gathers the source at each update
+        self.local = all(hasattr(p, "to_local") for p in self.target_params + self.source_params)
+        self.gather = not self.local and any(hasattr(p, "full_tensor") for p in self.source_params)
 
     @classmethod
     def copy_of(cls, source: nn.Module) -> EMA:
@@ -38,7 +40,10 @@ class EMA:
     @torch.no_grad()
     def update(self, weight: Tensor | float) -> None:
         """``target <- target + weight * (source - target)`` for parameters; buffers copied."""
-        if self.target_params:
+        if self.target_params and self.local:
+            target, source = [p.to_local() for p in self.target_params], [p.to_local() for p in self.source_params]
+            torch._foreach_lerp_(target, source, weight)
+        elif self.target_params:
             source = [p.full_tensor() for p in self.source_params] if self.gather else self.source_params
             torch._foreach_lerp_(self.target_params, source, weight)
         for a, b in zip(self.target_buffers, self.source_buffers, strict=True):

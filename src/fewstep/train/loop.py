@@ -119,8 +119,9 @@ def shard(setup: Setup, plugin) -> None:
     The frozen networks (``frozen()``: the teacher, feature nets) are sharded too, one unit per
     submodule that owns parameters (bottom-up), so that any forward through them — also a
     submodule's, as feature extractors call — gathers what it needs; a network shared by several
-    attributes is sharded once, in place. EMA copies stay whole on every process; the EMA trackers
-    gather their sources' full weights at each update."""
+    attributes is sharded once, in place. EMA copies (a method's targets and the evaluation EMA) are
+    sharded like their sources, so each process updates its own shards with no communication, and a
+    method's target network runs as a sharded module (every process calls it, as in its step)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     options = dict(
@@ -130,6 +131,8 @@ def shard(setup: Setup, plugin) -> None:
     )
     for net in setup.nets.values():
         fully_shard(net, **options)
+    for tracker in [*(t for t, _, _ in setup.emas.values()), setup.eval_ema]:
+        fully_shard(tracker.target, **options)  # one unit per copy, as its source: identical placements
     for net in setup.frozen:
         for module in reversed(list(net.modules())):  # children before their parents
             own = list(module.parameters(recurse=False))
@@ -564,8 +567,8 @@ def weights_of(method: Method, setup: Setup) -> dict[str, Tensor]:
     for name, net in setup.nets.items():
         out.update({f"net.{name}.{k}": full(v) for k, v in net.state_dict().items()})
     for name, (tracker, _, _) in setup.emas.items():
-        out.update({f"ema.{name}.{k}": v for k, v in tracker.target.state_dict().items()})
-    out.update({f"eval_ema.{k}": v for k, v in setup.eval_ema.target.state_dict().items()})
+        out.update({f"ema.{name}.{k}": full(v) for k, v in tracker.target.state_dict().items()})
+    out.update({f"eval_ema.{k}": full(v) for k, v in setup.eval_ema.target.state_dict().items()})
     return out
 
 

@@ -163,17 +163,20 @@ def run_teacher(run_dir: Path, config: dict[str, Any], teacher: Denoiser | None 
 
 
 # --- the final student --------------------------------------------------------------------------
-def save_student(student: torch.nn.Module, folder: Path, info: dict[str, Any]) -> Path:
+def save_student(
+    student: torch.nn.Module, folder: Path, info: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write the student as ``model.safetensors`` + ``config.json``. A student that is itself a
     fewstep EDM network is saved in the model format (``fewstep sample --model runs/x/student``
     and ``load_teacher`` read it); other students (wrappers) record their method, and are loaded
-    back with ``load_run``."""
+    back with ``load_run``. ``state`` replaces ``student.state_dict()`` (a sharded student's
+    gathered weights)."""
     from fewstep.networks import MLP, UNet
     from fewstep.teachers.native import model_config, save_model
 
     if isinstance(student, EDMDenoiser) and isinstance(student.net, (UNet, MLP)):
-        return save_model(student, folder, info)
-    save_tensors(folder / "model.safetensors", student.state_dict())
+        return save_model(student, folder, info, state=state)
+    save_tensors(folder / "model.safetensors", student.state_dict() if state is None else state)
     inner = getattr(student, "net", None)
     cfg = {"format": STUDENT_FORMAT, "wrapper": type(student).__name__, "info": info}
     if isinstance(inner, EDMDenoiser) and isinstance(inner.net, (UNet, MLP)):
