@@ -127,7 +127,8 @@ def test_bench_writes_a_leaderboard(teacher_dir, tmp_path, capsys):
 
     out = tmp_path / "bench"
     args = ["bench", "--teacher", str(teacher_dir), "--methods", "denoise,cd", "--max-steps", "3", "--batch", "8",
-            "--out", str(out), "--baselines", "euler", *QUICK]  # fmt: skip
+            "--out", str(out), "--baselines", "euler", "--set", "cd.lr=1e-3", "--set", "cd.batch=4",
+            *QUICK]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "leaderboard:" in printed
@@ -141,6 +142,28 @@ def test_bench_writes_a_leaderboard(teacher_dir, tmp_path, capsys):
     assert (out / "quality_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
     for m in ("denoise", "cd"):
         assert (out / "runs" / m / "report.md").is_file()
+    cd_config = json.loads((out / "runs" / "cd" / "config.json").read_text())
+    assert cd_config["method"]["options"]["lr"] == 1e-3 and cd_config["train"]["batch"] == 4  # per-method options
+    assert json.loads((out / "runs" / "denoise" / "config.json").read_text())["train"]["batch"] == 8
+
+    # the same runs ranked from their folders (no training): the same rows
+    again = tmp_path / "again"
+    runs = f"{out / 'runs' / 'cd'},{out / 'runs' / 'denoise'}"
+    assert main(["bench", "--runs", runs, "--out", str(again), "--baselines", "euler", *QUICK]) == 0
+    assert list(csv.DictReader((again / "leaderboard.csv").open())) == rows
+    assert (again / "quality_vs_nfe.png").is_file()
+
+
+def test_bench_refuses_bad_options_and_mixed_runs(teacher_dir, tmp_path, capsys):
+    base = ["bench", "--teacher", str(teacher_dir), "--methods", "denoise", "--max-steps", "1", "--out",
+            str(tmp_path / "b"), *QUICK]  # fmt: skip
+    assert main([*base, "--set", "cd.lr=1e-3"]) == 2
+    one_line_error(capsys, "not in --methods")
+    assert main([*base, "--set", "lr=1e-3"]) == 2
+    one_line_error(capsys, "METHOD.KEY=VALUE")
+    assert main(["bench", "--runs", str(tmp_path / "b"), "--minutes", "1", *QUICK]) == 2
+    one_line_error(capsys, "ranks finished runs")
+    assert not (tmp_path / "b").exists()
 
 
 def test_bench_refuses_unknown_methods_before_training(teacher_dir, tmp_path, capsys):

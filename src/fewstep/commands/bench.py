@@ -2,6 +2,8 @@
 
     fewstep bench --teacher builtin:digits --methods cd,ctm,sid --minutes 15 --out bench/digits
     fewstep bench --teacher builtin:digits --methods cd,kd --minutes 2 --n 2000 --seeds 1   # a quick look
+    fewstep bench --methods sid,cd --minutes 12 --set sid.lr=1e-4 --set sid.batch=32    # per-method options
+    fewstep bench --runs runs/a,runs/b --out bench/mine   # rank runs trained with `fewstep distill`
 
 Writes OUT/leaderboard.md, OUT/leaderboard.csv, OUT/quality_vs_nfe.png and one run directory
 (with its report.md) per method under OUT/runs/.
@@ -16,17 +18,36 @@ from fewstep.commands.eval import add_protocol_args, settings_from, str_list
 from fewstep.errors import FewstepError
 
 
-def run(args) -> int:
-    from fewstep.eval.bench import bench
+def per_method(pairs: list[str], methods: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``--set METHOD.KEY=VALUE`` items -> ``{method: {key: value}}`` (values typed by the method)."""
+    out: dict[str, dict[str, str]] = {}
+    for item in pairs:
+        name, eq, value = item.partition("=")
+        method, dot, key = name.partition(".")
+        if not eq or not dot or not key:
+            raise FewstepError(f"--set {item!r}: write METHOD.KEY=VALUE, e.g. --set sid.lr=1e-4")
+        out.setdefault(method.strip(), {})[key.strip()] = value.strip()
+    return out
 
-    if args.minutes is None and args.max_steps is None:
-        raise FewstepError("give every method the same budget: --minutes M (and/or --max-steps N)")
-    if not args.methods:
-        raise FewstepError("name the methods to compare: --methods a,b,c (`fewstep methods` lists them)")
-    engine = {"seed": args.seed, "batch": args.batch, "sample_n": 0}
+
+def run(args) -> int:
+    from fewstep.eval.bench import bench, collect
+
     line = "fewstep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    rows, path = bench(args.teacher, list(args.methods), args.out, settings_from(args), args.minutes, args.max_steps,
-                       engine, line, progress=lambda m: print(m, flush=True))  # fmt: skip
+    if args.runs:
+        if args.methods or args.sets or args.minutes is not None or args.max_steps is not None:
+            raise FewstepError("--runs ranks finished runs; drop --methods/--set/--minutes/--max-steps")
+        rows, path = collect(list(args.runs), args.out, settings_from(args), line,
+                             progress=lambda m: print(m, flush=True))  # fmt: skip
+    else:
+        if args.minutes is None and args.max_steps is None:
+            raise FewstepError("give every method the same budget: --minutes M (and/or --max-steps N)")
+        if not args.methods:
+            raise FewstepError("name the methods to compare: --methods a,b,c (`fewstep methods` lists them)")
+        engine = {"seed": args.seed, "batch": args.batch, "sample_n": 0}
+        rows, path = bench(args.teacher, list(args.methods), args.out, settings_from(args), args.minutes,
+                           args.max_steps, engine, line, progress=lambda m: print(m, flush=True),
+                           options=per_method(args.sets, args.methods))  # fmt: skip
     for i, r in enumerate(rows, 1):
         if "error" in r:
             print(f"{i}. {r['method']}: failed ({r['error']})")
@@ -42,7 +63,21 @@ def register(sub) -> None:
     p.add_argument(
         "--teacher", default="builtin:digits", help="the teacher all methods distill (default builtin:digits)"
     )
-    p.add_argument("--methods", type=str_list, required=True, help="comma-separated method names")
+    p.add_argument("--methods", type=str_list, default=(), help="comma-separated method names")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="an option of one method (its Config) or its engine setting, e.g. sid.lr=1e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--runs",
+        type=str_list,
+        default=(),
+        help="comma-separated run directories to rank instead of training (evaluated if needed)",
+    )
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per method")
     p.add_argument("--max-steps", type=int, default=None, help="iteration budget per method")
     p.add_argument("--out", default="bench", help="output folder (default ./bench)")

@@ -1,16 +1,18 @@
 """``fewstep bench``: several methods, one teacher, one budget; a leaderboard and one plot.
 
 Each method is distilled through the engine (:func:`fewstep.train.distill`) into
-``OUT/runs/<method>`` with the same wall-clock budget, seed and batch, then evaluated by
-:func:`fewstep.eval.pipeline.evaluate` (its own report.md in the run directory). The teacher's
-reference and baseline rows are measured once (cached) and shared. A method that fails is
-recorded with its one-line error and the bench goes on.
+``OUT/runs/<method>`` with the same wall-clock budget, seed and batch (and its own options, if
+given), then evaluated by :func:`fewstep.eval.pipeline.evaluate` (its own report.md in the run
+directory). The teacher's reference and baseline rows are measured once (cached) and shared. A
+method that fails is recorded with its one-line error and the bench goes on. :func:`collect`
+ranks runs trained elsewhere (``fewstep distill``) on the same protocol.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import traceback
 from pathlib import Path
 
@@ -31,12 +33,15 @@ def distill_and_evaluate(
     max_steps: int | None,
     engine: dict,
     progress=print,
+    options: dict | None = None,
 ) -> dict:
-    """Distill one method into ``run_dir`` and evaluate it; returns its results (see pipeline)."""
+    """Distill one method into ``run_dir`` (engine settings and ``options``: the method's own or
+    per-method engine overrides such as ``batch``) and evaluate it; returns its results."""
     from fewstep.train import distill
 
     progress(f"== {method}: distilling ({minutes} min)" if minutes else f"== {method}: distilling ({max_steps} steps)")
-    distill(teacher, method, max_steps=max_steps, out=run_dir, minutes=minutes, overwrite=True, **engine)
+    kwargs = {**engine, **(options or {})}
+    distill(teacher, method, max_steps=max_steps, out=run_dir, minutes=minutes, overwrite=True, **kwargs)
     progress(f"== {method}: evaluating")
     return evaluate_subject(resolve(run_dir), settings, run_dir, progress=progress)
 
@@ -50,7 +55,7 @@ def leaderboard_rows(results: dict[str, dict | str]) -> list[dict]:
             rows.append({"method": name, "error": res})
             continue
         t_fid = res["teacher_row"]["fid"]
-        row: dict = {"method": name}
+        row: dict = {"method": name if res.get("method") in (None, name) else f"{name} ({res['method']})"}
         for r in res["students"]:
             k = r["nfe"]
             row[f"fid@{k}"], row[f"fid_std@{k}"] = r["fid"], r["fid_std"]
@@ -107,7 +112,7 @@ def render_leaderboard(rows: list[dict], results: dict, args_line: str) -> str:
         "",
         "![quality vs NFE](quality_vs_nfe.png)",
         "",
-        "Each method's own report: `runs/<method>/report.md`.",
+        "Each method's own report: `report.md` in its run directory.",
         "",
     ]
     return "\n".join(lines)
@@ -132,20 +137,25 @@ def bench(
     engine: dict | None = None,
     args_line: str = "",
     progress=print,
+    options: dict[str, dict] | None = None,
 ) -> tuple[list[dict], Path]:
-    """Run the bench; write ``leaderboard.md``, ``leaderboard.csv``, ``quality_vs_nfe.png``."""
+    """Run the bench (``options``: per-method option dicts); write ``leaderboard.md``,
+    ``leaderboard.csv`` and ``quality_vs_nfe.png``."""
     from fewstep.methods import get_method
 
     settings.check()
     for m in methods:
         get_method(m)  # unknown names fail before any training
+    for m in options or {}:
+        if m not in methods:
+            raise FewstepError(f"options given for {m!r}, which is not in --methods; add it or drop its --set")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict | str] = {}
     for m in methods:
         try:
             results[m] = distill_and_evaluate(teacher, m, out / "runs" / m, settings, minutes, max_steps,
-                                              engine or {}, progress)  # fmt: skip
+                                              engine or {}, progress, (options or {}).get(m))  # fmt: skip
         except FewstepError as e:
             results[m] = str(e)
         except Exception as e:  # a broken method must not sink the others; the trace goes to the log
@@ -154,6 +164,48 @@ def bench(
             results[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         if isinstance(results[m], str):
             progress(f"== {m}: failed: {results[m]}")
+    return write_leaderboard(results, out, args_line)
+
+
+def collect(run_dirs: list[str | Path], out: str | Path, settings: EvalSettings, args_line: str = "",
+            progress=print) -> tuple[list[dict], Path]:  # fmt: skip
+    """Rank runs trained elsewhere: each run's ``results.json`` (from ``fewstep eval``) is read, a
+    run without one is evaluated first; all must share one teacher and protocol. Rows are named by
+    the run folder (the same method may appear with different options)."""
+    results: dict[str, dict | str] = {}
+    for d in map(Path, run_dirs):
+        if d.name in results:
+            raise FewstepError(f"two runs are named {d.name!r}; give runs with distinct folder names")
+        path = d / "results.json"
+        if path.is_file():
+            res = json.loads(path.read_text())
+        else:
+            progress(f"== {d.name}: evaluating")
+            res = evaluate_subject(resolve(d), settings, d, progress=progress)
+        if res.get("students") is None or not res["students"]:
+            raise FewstepError(f"{d} was evaluated as a model, not a run; give run directories (fewstep distill)")
+        results[d.name] = res
+    first = next(iter(results.values()), None)
+    if first is None:
+        raise FewstepError("give at least one run directory to collect")
+
+    def key(res: dict) -> tuple:
+        p = res["protocol"]
+        return res["teacher"], p["n"], p["repeats"], p["features"], p["reference"], p.get("fidelity_n")
+
+    for name, res in results.items():
+        if key(res) != key(first):
+            raise FewstepError(
+                f"run {name} was evaluated with another teacher or protocol than {next(iter(results))}; "
+                "re-evaluate them alike (fewstep eval RUN with the same --n/--seeds/--features)"
+            )
+    return write_leaderboard(results, out, args_line)
+
+
+def write_leaderboard(results: dict[str, dict | str], out: str | Path, args_line: str) -> tuple[list[dict], Path]:
+    """``results.json``, ``leaderboard.csv``, ``quality_vs_nfe.png`` and ``leaderboard.md`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = leaderboard_rows(results)
     atomic_write_json(out / "results.json", results)
     write_csv(rows, out / "leaderboard.csv")

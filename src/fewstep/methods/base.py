@@ -127,9 +127,6 @@ class Method:
         """Generate from unit Gaussian ``noise`` with ``steps`` student evaluations."""
         raise NotImplementedError
 
-    def on_round_end(self, round_index: int) -> None:  # pragma: no cover - optional hook
-        """Hook for multi-round methods (progressive distillation)."""
-
     # --- optional: Python-side state that must survive a resume ---------------------------------
     def extra_state(self) -> dict[str, Any]:
         """JSON-serialisable state outside the networks (a round counter, a curriculum position) that
