@@ -1,0 +1,45 @@
+#!/bin/bash
+# Every method on builtin:digits under the benchmark protocol (../docs/benchmarks.md, "Methods on
+# digits"): distil with a wall-clock budget and the options below, evaluate with `fewstep eval`
+# (10,000 samples x 3 seed ranges; the teacher's rows are cached), then rank the runs with
+# `fewstep bench --runs`. Runs are independent; two lanes in parallel fit 2 CPU cores:
+#
+#   bash bench/digits_methods.sh runs/b12 sid cd tract &  bash bench/digits_methods.sh runs/b12 kd dmd2 &
+#   wait; fewstep bench --runs runs/b12/sid,runs/b12/cd,... --out docs/bench-digits
+#
+# Fields: run name, method, minutes, iteration cap, batch, evaluation-EMA decay, method options.
+# Iteration caps schedule the multi-round methods (rounds/phases are scheduled by iteration).
+set -euo pipefail
+ROOT=${1:?usage: digits_methods.sh OUT_ROOT NAME...}
+shift
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+FEWSTEP=${FEWSTEP:-.venv/bin/fewstep}
+RUNS="
+sid            sid            12 100000 32 0.999 lr=1e-4 fake_lr=1e-4
+dmd2           dmd2           12 100000 32 0.999 lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03
+dmd2_f2        dmd2           12 100000 32 0.999 lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03 fake_updates=2
+kd             kd             12 100000 64 0.999
+diff_instruct  diff_instruct  12 100000 32 0.999 lr=1e-4 fake_lr=1e-4
+dmd            dmd            12 100000 32 0.999 lr=1e-4 fake_lr=1e-4
+cd             cd             12 100000 64 0.999
+lcm            lcm            10 100000 64 0.999
+tract          tract          12 2400   64 0     phases=40,1 steps_per_phase=2400 lr=3e-4
+progressive    progressive    12 3500   64 0     start_steps=32 steps_per_round=700 lr=3e-4 lr_anneal=true
+progressive64  progressive    14 5400   64 0     start_steps=64 steps_per_round=900 lr=3e-4 lr_anneal=true
+guided         guided         10 3000   64 0     start_steps=32 steps_per_round=500 stage_one_steps=500 lr=3e-4 lr_anneal=true
+ctm            ctm            12 100000 64 0.999
+add            add            12 100000 64 0.999 lr=1e-4 d_lr=1e-4 distill_weight=10
+ladd           ladd           12 100000 64 0.999 lr=1e-4 d_lr=1e-4
+ufogen         ufogen         12 100000 64 0.999 lr=1e-4 d_lr=1e-4
+lightning      lightning      12 2800   64 0     start_steps=16 end_steps=1 steps_per_round=700 lr=1e-4 d_lr=1e-4
+"
+for want in "$@"; do
+  line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
+  [ -n "$line" ] || { echo "unknown run $want" >&2; exit 2; }
+  read -r name method minutes steps batch ema opts <<<"$line"
+  sets=(); for kv in $opts; do sets+=(--set "$kv"); done
+  $FEWSTEP distill --teacher builtin:digits --method "$method" --out "$ROOT/$name" --overwrite \
+    --minutes "$minutes" --max-steps "$steps" --batch "$batch" --checkpoint-every 100000 \
+    --set ema_decay="$ema" "${sets[@]}"
+  $FEWSTEP eval "$ROOT/$name"
+done
