@@ -229,3 +229,11 @@ def test_the_engine_trains_it_and_moves_the_target_by_its_ema_rule(tmp_path):
     assert any(not torch.equal(theta[k], init[k]) for k in init)
     for k in init:
         assert torch.allclose(target[k], 0.6 * init[k] + 0.4 * theta[k], atol=1e-6), k
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer():
+    method = CTM(tiny_unet_teacher(), CTMConfig(num_scales=6, max_heun_steps=2))
+    last = method.student.net.net.conv_out.weight
+    w = method._adaptive_weight(3.0 * last.sum(), 0.5 * last.sum(), 0.0, 1e4)
+    assert torch.allclose(w, torch.tensor(6.0), rtol=1e-3)
+    assert method._adaptive_weight(3.0 * last.sum(), 0.01 * last.sum(), 0.01, 10.0) == 10.0  # clamped

@@ -21,7 +21,8 @@ from fewstep.errors import FewstepError
 # Best first; the first one that is registered runs. Evidence (builtin:digits, the full protocol:
 # 10,000 samples x 3 seeds, 12-minute budget, default options, 2 CPU cores, 2026-11-29): cd FID
 # ratio 1.29 at 1 NFE (1.18 at 2 NFE), kd 1.56, tract 1.88, progressive 2.62, sid 3.91 ("Methods
-# on digits" in docs/benchmarks.md ranks them all). "denoise" (not a distillation) keeps the demo alive on a bare install.
+# on digits" in docs/benchmarks.md ranks them all). "denoise" (not a distillation) keeps the demo
+# alive on a bare install.
 PREFERENCE = ("cd", "kd", "tract", "progressive", "sid", "ctm", "dmd2", "denoise")
 
 

@@ -30,9 +30,12 @@ Deviations: the paper's feature distance (LPIPS, or StyleGAN-XL's DeiT/Efficient
 ImageNet weights fewstep cannot download — L2 / L1 / pseudo-Huber instead (a feature distance
 from the digits classifier would leak into the FID it is judged by); the discriminator is
 :mod:`fewstep.networks.discriminator`'s heads on the frozen teacher's features at ``gan_sigma``
-instead of StyleGAN-XL's projected discriminator; lambda_DSM is fixed (the reference code's later
-default) rather than gradient-balanced; the student's dropout defaults to 0 whatever the
-teacher's (the target and the teacher run without it).
+instead of StyleGAN-XL's projected discriminator; lambda_DSM is fixed by default (the reference
+code's later default); ``dsm_adaptive`` balances the DSM term against L_CTM instead (lambda_DSM
+times ``||grad L_CTM|| / ||grad L_DSM||`` at the last layer, the reference's
+``apply_adaptive_weight``), which matters here because pixel L2 is ~100x smaller than LPIPS and a
+fixed weight lets the DSM term drown the consistency term; the student's dropout defaults to 0
+whatever the teacher's (the target and the teacher run without it).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class CTMConfig:
     distance: str = "l2"  # l2 | l1 | huber
     huber_c: float = 0.001
     dsm_weight: float = 1.0
+    dsm_adaptive: bool = False  # scale L_DSM to L_CTM's gradient norm at the last layer (reference option)
     dsm_p_mean: float = -1.2
     dsm_p_std: float = 1.2
     gan_weight: float = 0.0  # 0 disables the GAN term
@@ -197,11 +201,13 @@ class ConsistencyTrajectoryModel(Method):
     def _disc(self, x: Tensor, cond: Any) -> Tensor:
         return self.discriminator(x, expand_like(self.config.gan_sigma, x), cond)
 
-    def _adaptive_weight(self, loss_ctm: Tensor, loss_gan: Tensor) -> Tensor:
+    def _adaptive_weight(self, loss_ctm: Tensor, other: Tensor, lo: float, hi: float) -> Tensor:
+        """``||grad L_CTM|| / ||grad other||`` at the student's last layer, clamped (reference
+        ``calculate_adaptive_weight``; VQGAN's balancing)."""
         last = [p for p in self.student.parameters() if p.requires_grad and p.ndim > 1][-1]
         (g_ctm,) = torch.autograd.grad(loss_ctm, last, retain_graph=True)
-        (g_gan,) = torch.autograd.grad(loss_gan, last, retain_graph=True)
-        return (g_ctm.norm() / (g_gan.norm() + 1e-4)).clamp(0.01, 10.0).detach()
+        (g_other,) = torch.autograd.grad(other, last, retain_graph=True)
+        return (g_ctm.norm() / (g_other.norm() + 1e-4)).clamp(lo, hi).detach()
 
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         if batch.x is None:
@@ -216,13 +222,16 @@ class ConsistencyTrajectoryModel(Method):
             loss = loss_ctm
             if c.dsm_weight > 0:
                 sigma = (torch.randn(x0.shape[0], device=x0.device) * c.dsm_p_std + c.dsm_p_mean).exp()
-                loss = loss + c.dsm_weight * self.dsm_loss(x0, cond, sigma.to(x0.dtype), torch.randn_like(x0)).mean()
+                loss_dsm = self.dsm_loss(x0, cond, sigma.to(x0.dtype), torch.randn_like(x0)).mean()
+                if c.dsm_adaptive:
+                    loss_dsm = self._adaptive_weight(loss_ctm, loss_dsm, 0.0, 1e4) * loss_dsm
+                loss = loss + c.dsm_weight * loss_dsm
             if gan_on:
                 from fewstep.networks.discriminator import g_loss, no_param_grad
 
                 with no_param_grad(self.discriminator):
                     loss_gan = g_loss(self._disc(self.gan_fake(x0, cond), cond), "hinge")
-                loss = loss + c.gan_weight * self._adaptive_weight(loss_ctm, loss_gan) * loss_gan
+                loss = loss + c.gan_weight * self._adaptive_weight(loss_ctm, loss_gan, 0.01, 10.0) * loss_gan
             out["student"] = loss
         if "discriminator" in due and self.discriminator is not None:
             from fewstep.networks.discriminator import d_loss
