@@ -28,6 +28,7 @@ progressive    progressive    12 3500   64 0     start_steps=32 steps_per_round=
 progressive64  progressive    14 5400   64 0     start_steps=64 steps_per_round=900 lr=3e-4 lr_anneal=true
 guided         guided         10 3000   64 0     start_steps=32 steps_per_round=500 stage_one_steps=500 lr=3e-4 lr_anneal=true
 ctm            ctm            12 100000 64 0.999
+ctm_adaptive   ctm            12 100000 64 0.999 dsm_adaptive=true
 add            add            12 100000 64 0.999 lr=1e-4 d_lr=1e-4 distill_weight=10
 ladd           ladd           12 100000 64 0.999 lr=1e-4 d_lr=1e-4
 ufogen         ufogen         12 100000 64 0.999 lr=1e-4 d_lr=1e-4
