@@ -206,7 +206,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(tmp_path):
     time.sleep(random.Random().uniform(0.0, 1.0))
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
-    assert 0 <= newest_step(out) < 300
+    assert 0 <= newest_step(out) <= 300  # a kill after the last checkpoint (while writing student/) counts too
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
     done = subprocess.run([sys.executable, "-m", "fewstep", *args, "--out", str(out), "--resume"], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
