@@ -43,7 +43,11 @@ def quality_plot(
     """FID (log scale) against NFE (log scale) for each series (baselines dashed, students solid),
     the teacher's reference point as a horizontal line and the held-out floor dotted."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
+    many = len(series) > 8  # a bench of many methods: distinct colours and markers, legend outside
+    fig, ax = plt.subplots(figsize=(8.5, 5) if many else (6, 4.2), dpi=110)
+    colours = plt.get_cmap("tab20").colors
+    markers = "os^vDP*Xhp<>"
+    k = 0
     for name, rows in series.items():
         rows = sorted((r for r in rows if getattr(r, metric) is not None), key=lambda r: r.nfe)
         if not rows:
@@ -51,7 +55,9 @@ def quality_plot(
         nfe, val = [r.nfe for r in rows], [max(getattr(r, metric), 1e-6) for r in rows]
         err = [r.fid_std or 0.0 for r in rows] if metric == "fid" else None
         student = rows[0].kind == "student"
-        ax.errorbar(nfe, val, yerr=err, marker="o" if student else ".", ms=7 if student else 5,
+        style = {"color": colours[k % len(colours)], "marker": markers[k % len(markers)]} if many and student else {}
+        k += student
+        ax.errorbar(nfe, val, yerr=err, **{"marker": "o" if student else ".", **style}, ms=7 if student else 5,
                     ls="-" if student else "--", lw=2 if student else 1, capsize=2,
                     label=SOLVER_NAMES.get(name, name) + ("" if student else " (teacher)"))  # fmt: skip
     if teacher is not None and getattr(teacher, metric) is not None:
@@ -64,7 +70,10 @@ def quality_plot(
     ax.set_ylabel(metric.upper())
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, Path(path))
 
