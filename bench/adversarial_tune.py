@@ -16,23 +16,13 @@ import time
 from pathlib import Path
 
 import torch
+from tune_common import teacher_row
 
-from fewstep.eval.evaluate import EvalSettings, Evaluator, Row
-from fewstep.eval.sampling import student_sampler, teacher_sampler
-from fewstep.io import atomic_write_json, read_json
+from fewstep.eval.evaluate import EvalSettings, Evaluator
+from fewstep.eval.sampling import student_sampler
 from fewstep.teachers import load_teacher
 from fewstep.train import distill
 from fewstep.train.config import parse_sets
-
-
-def teacher_row(ev: Evaluator, teacher) -> Row:
-    """Heun at 35 NFE on the evaluation seeds (no fidelity), cached per protocol."""
-    cache = Path(f"/tmp/adversarial-tune-teacher-{ev.key.replace('/', '_')}.json")
-    if cache.is_file():
-        return Row(**read_json(cache))
-    row = ev.measure(teacher_sampler(teacher, "heun", 35), fidelity=False)
-    atomic_write_json(cache, row.to_dict())
-    return row
 
 
 def main() -> None:
@@ -64,7 +54,7 @@ def main() -> None:
     )  # fmt: skip
     minutes = (time.time() - t0) / 60
     ev = Evaluator(teacher, EvalSettings(n=a.n, repeats=a.repeats, fidelity_n=min(500, a.n)))
-    t_row = teacher_row(ev, teacher)
+    t_row = teacher_row(ev, teacher, "adversarial-tune")
     rows = {"teacher_heun35": {"fid": t_row.fid, "precision": t_row.precision, "recall": t_row.recall}}
     for k in [int(s) for s in a.steps.split(",")]:
         r = ev.measure(student_sampler(method, k), fidelity=False)

@@ -18,26 +18,14 @@ import time
 from pathlib import Path
 
 import torch
+from tune_common import teacher_row
 
-from fewstep.eval.evaluate import EvalSettings, Evaluator, Row
-from fewstep.eval.sampling import student_sampler, teacher_sampler
-from fewstep.io import atomic_write_json, read_json
+from fewstep.eval.evaluate import EvalSettings, Evaluator
+from fewstep.eval.sampling import student_sampler
 from fewstep.teachers import load_teacher
 from fewstep.train import distill
 from fewstep.train.api import load_run
 from fewstep.train.config import parse_sets
-
-
-def teacher_row(ev: Evaluator, teacher, fidelity: bool) -> Row:
-    """The teacher (Heun, 35 NFE) on the same seeds, cached per teacher and protocol."""
-    if fidelity:
-        return ev.teacher_rows((("heun", 35),), progress=lambda *_: None)[0]
-    cache = Path(f"/tmp/trajectory-tune-teacher-{ev.key.replace('/', '_')}.json")
-    if cache.is_file():
-        return Row(**read_json(cache))
-    row = ev.measure(teacher_sampler(teacher, "heun", 35), fidelity=False)
-    atomic_write_json(cache, row.to_dict())
-    return row
 
 
 def main() -> None:
@@ -78,7 +66,7 @@ def main() -> None:
         )  # fmt: skip
     minutes = (time.time() - t0) / 60
     ev = Evaluator(teacher, EvalSettings(n=a.n, repeats=a.repeats, fidelity_n=min(500, a.n)))
-    t_row = teacher_row(ev, teacher, a.fidelity)
+    t_row = teacher_row(ev, teacher, "trajectory-tune", a.fidelity)
     rows = {"teacher_heun35": {"fid": t_row.fid, "fidelity": t_row.fidelity}}
 
     variants: list[tuple[int, dict]] = []

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from tune_common import teacher_row
 
 from fewstep.eval.evaluate import EvalSettings, Evaluator
-from fewstep.eval.sampling import student_sampler, teacher_sampler
+from fewstep.eval.sampling import student_sampler
 from fewstep.teachers import load_teacher
 from fewstep.train import distill
 from fewstep.train.config import parse_sets
@@ -55,18 +56,7 @@ def main() -> None:
     )  # fmt: skip
     minutes = (time.time() - t0) / 60
     ev = Evaluator(teacher, EvalSettings(n=a.n, repeats=a.repeats, fidelity_n=min(500, a.n)))
-    if a.fidelity:
-        t_row = ev.teacher_rows((("heun", 35),), progress=lambda *_: None)[0]
-    else:  # the teacher row without fidelity, cached per teacher and sample count
-        from fewstep.eval.evaluate import Row
-        from fewstep.io import atomic_write_json, read_json
-
-        cache = Path(f"/tmp/trajectory-tune-teacher-{ev.key.replace('/', '_')}.json")
-        if cache.is_file():
-            t_row = Row(**read_json(cache))
-        else:
-            t_row = ev.measure(teacher_sampler(teacher, "heun", 35), fidelity=False)
-            atomic_write_json(cache, t_row.to_dict())
+    t_row = teacher_row(ev, teacher, "trajectory-tune", a.fidelity)
     rows = {"teacher_heun35": {"fid": t_row.fid, "fidelity": t_row.fidelity}}
     for k in [int(s) for s in a.steps.split(",")]:
         sampler = student_sampler(method, k)
