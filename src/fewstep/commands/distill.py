@@ -49,10 +49,22 @@ def run(args) -> int:
     except TrainingInterrupted as e:
         print(e.message, file=sys.stderr)
         return 128 + int(e.signum)
+    leave_process_group()  # after a finished run only: a failed process must not wait at a barrier
     s = method.summary
     print(f"{method.name}: {s['step']} steps in {s['minutes']:.1f} min (stopped by {s['stopped_by']}, "
           f"{s['nonfinite']} non-finite skipped); student in {plan.out}/student")  # fmt: skip
     return 0
+
+
+def leave_process_group() -> None:
+    """Under a multi-process launch, leave together and close the process group: a process that
+    exits with gloo's threads still running can abort ("terminate called without an active
+    exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def register(sub) -> None:
