@@ -153,6 +153,13 @@ def test_bench_writes_a_leaderboard(teacher_dir, tmp_path, capsys):
     assert list(csv.DictReader((again / "leaderboard.csv").open())) == rows
     assert (again / "quality_vs_nfe.png").is_file()
 
+    # a leaderboard folder grows: its rows plus a run; a re-run replaces the folder's row of its name
+    grown = tmp_path / "grown"
+    assert main(["bench", "--runs", f"{again},{out / 'runs' / 'cd'}", "--out", str(grown), *QUICK]) == 0
+    assert sorted(r["method"] for r in csv.DictReader((grown / "leaderboard.csv").open())) == ["cd", "denoise"]
+    assert main(["bench", "--runs", f"{again},{out}", "--out", str(tmp_path / "twice"), *QUICK]) == 2
+    one_line_error(capsys, "two runs are named")
+
 
 def test_bench_refuses_bad_options_and_mixed_runs(teacher_dir, tmp_path, capsys):
     base = ["bench", "--teacher", str(teacher_dir), "--methods", "denoise", "--max-steps", "1", "--out",

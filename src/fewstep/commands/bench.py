@@ -4,6 +4,7 @@
     fewstep bench --teacher builtin:digits --methods cd,kd --minutes 2 --n 2000 --seeds 1   # a quick look
     fewstep bench --methods sid,cd --minutes 12 --set sid.lr=1e-4 --set sid.batch=32    # per-method options
     fewstep bench --runs runs/a,runs/b --out bench/mine   # rank runs trained with `fewstep distill`
+    fewstep bench --runs bench/mine,runs/c --out bench/mine   # add a run to a leaderboard
 
 Writes OUT/leaderboard.md, OUT/leaderboard.csv, OUT/quality_vs_nfe.png and one run directory
 (with its report.md) per method under OUT/runs/.

@@ -171,10 +171,23 @@ def collect(run_dirs: list[str | Path], out: str | Path, settings: EvalSettings,
             progress=print) -> tuple[list[dict], Path]:  # fmt: skip
     """Rank runs trained elsewhere: each run's ``results.json`` (from ``fewstep eval``) is read, a
     run without one is evaluated first; all must share one teacher and protocol. Rows are named by
-    the run folder (the same method may appear with different options)."""
+    the run folder (the same method may appear with different options).
+
+    A folder written by ``fewstep bench`` (it holds ``leaderboard.md``) adds every row it ranked, so
+    a leaderboard grows without its runs on disk: ``--runs docs/bench-digits,runs/new``. A run
+    given after such a folder replaces the folder's row of the same name (a re-run method)."""
     results: dict[str, dict | str] = {}
+    from_board: set[str] = set()
     for d in map(Path, run_dirs):
-        if d.name in results:
+        if (d / "leaderboard.md").is_file() and (d / "results.json").is_file():
+            board = json.loads((d / "results.json").read_text())
+            for name, res in board.items():
+                if name in results:
+                    raise FewstepError(f"two runs are named {name!r} (one in {d}); give runs with distinct names")
+                results[name] = res
+                from_board.add(name)
+            continue
+        if d.name in results and d.name not in from_board:
             raise FewstepError(f"two runs are named {d.name!r}; give runs with distinct folder names")
         path = d / "results.json"
         if path.is_file():
@@ -184,19 +197,22 @@ def collect(run_dirs: list[str | Path], out: str | Path, settings: EvalSettings,
             res = evaluate_subject(resolve(d), settings, d, progress=progress)
         if res.get("students") is None or not res["students"]:
             raise FewstepError(f"{d} was evaluated as a model, not a run; give run directories (fewstep distill)")
+        results.pop(d.name, None)  # a re-run replaces a leaderboard's row and takes its own place
+        from_board.discard(d.name)
         results[d.name] = res
-    first = next(iter(results.values()), None)
-    if first is None:
-        raise FewstepError("give at least one run directory to collect")
+    first_name = next((n for n, r in results.items() if isinstance(r, dict)), None)
+    if first_name is None:
+        raise FewstepError("give at least one run directory (or a leaderboard holding a finished run) to collect")
 
     def key(res: dict) -> tuple:
         p = res["protocol"]
         return res["teacher"], p["n"], p["repeats"], p["features"], p["reference"], p.get("fidelity_n")
 
+    first = results[first_name]
     for name, res in results.items():
-        if key(res) != key(first):
+        if isinstance(res, dict) and key(res) != key(first):
             raise FewstepError(
-                f"run {name} was evaluated with another teacher or protocol than {next(iter(results))}; "
+                f"run {name} was evaluated with another teacher or protocol than {first_name}; "
                 "re-evaluate them alike (fewstep eval RUN with the same --n/--seeds/--features)"
             )
     return write_leaderboard(results, out, args_line)
