@@ -62,8 +62,12 @@ def main() -> None:
                                 "precision": round(r.precision, 3), "recall": round(r.recall, 3),
                                 "label_acc": r.label_acc}  # fmt: skip
         print(k, rows[f"student_{k}"], flush=True)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tail = [m["loss/discriminator"] for m in logged[-10:] if "loss/discriminator" in m]
     record = {"method": a.method, "options": options, "minutes": round(minutes, 2), "steps": method.summary["step"],
-              "batch": a.batch, "ema_decay": a.ema_decay, "n": a.n, "rows": rows, "out": str(out)}  # fmt: skip
+              "batch": a.batch, "ema_decay": a.ema_decay, "n": a.n, "rows": rows, "out": str(out),
+              # chance level: 2 ln 2 = 1.386 (non-saturating), 2.0 (hinge)
+              "d_loss_last": round(sum(tail) / len(tail), 3) if tail else None}  # fmt: skip
     print(json.dumps(record))
     with open(a.log, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -9,6 +9,8 @@
 #
 # Fields: run name, method, minutes, iteration cap, batch, evaluation-EMA decay, method options.
 # Iteration caps schedule the multi-round methods (rounds/phases are scheduled by iteration).
+# EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
+# training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
 ROOT=${1:?usage: digits_methods.sh OUT_ROOT NAME...}
 shift
@@ -30,9 +32,13 @@ guided         guided         10 3000   64 0     start_steps=32 steps_per_round=
 ctm            ctm            12 100000 64 0.999
 ctm_adaptive   ctm            12 100000 64 0.999 dsm_adaptive=true
 add            add            12 100000 64 0.999 lr=1e-4 d_lr=1e-4 distill_weight=10
+add_tuned      add            12 100000 64 0     lr=1e-4 d_lr=1e-3 distill_weight=10
 ladd           ladd           12 100000 64 0.999 lr=1e-4 d_lr=1e-4
+ladd_tuned     ladd           12 100000 64 0     lr=3e-5 d_lr=1e-3 disc_m=-1
 ufogen         ufogen         12 100000 64 0.999 lr=1e-4 d_lr=1e-4
+ufogen_tuned   ufogen         12 100000 64 0     lr=1e-4 d_lr=1e-3 chain_sigmas=7.3,0.35,0.1,0.03
 lightning      lightning      12 2800   64 0     start_steps=16 end_steps=1 steps_per_round=700 lr=1e-4 d_lr=1e-4
+lightning_pd   lightning      15 5400   64 0     start_steps=64 steps_per_round=900 mse_rounds=3 mse_weight=1 lr=3e-4 lr_anneal=true d_lr=1e-3
 "
 for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
@@ -42,5 +48,5 @@ for want in "$@"; do
   $FEWSTEP distill --teacher builtin:digits --method "$method" --out "$ROOT/$name" --overwrite \
     --minutes "$minutes" --max-steps "$steps" --batch "$batch" --checkpoint-every 100000 \
     --set ema_decay="$ema" "${sets[@]}"
-  $FEWSTEP eval "$ROOT/$name"
+  $FEWSTEP eval "$ROOT/$name" ${EVAL_ARGS:-}
 done
