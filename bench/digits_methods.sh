@@ -25,6 +25,7 @@ diff_instruct  diff_instruct  12 100000 32 0.999 lr=1e-4 fake_lr=1e-4
 dmd            dmd            12 100000 32 0.999 lr=1e-4 fake_lr=1e-4
 cd             cd             12 100000 64 0.999
 lcm            lcm            10 100000 64 0.999
+lcm_w1         lcm            10 100000 64 0.999 guidance=1,3 sample_guidance=1 lr=4e-4
 tract          tract          12 2400   64 0     phases=40,1 steps_per_phase=2400 lr=3e-4
 progressive    progressive    12 3500   64 0     start_steps=32 steps_per_round=700 lr=3e-4 lr_anneal=true
 progressive64  progressive    14 5400   64 0     start_steps=64 steps_per_round=900 lr=3e-4 lr_anneal=true
@@ -38,7 +39,7 @@ ladd_tuned     ladd           12 100000 64 0     lr=3e-5 d_lr=1e-3 disc_m=-1
 ufogen         ufogen         12 100000 64 0.999 lr=1e-4 d_lr=1e-4
 ufogen_tuned   ufogen         12 100000 64 0     lr=1e-4 d_lr=1e-3 chain_sigmas=7.3,0.35,0.1,0.03
 lightning      lightning      12 2800   64 0     start_steps=16 end_steps=1 steps_per_round=700 lr=1e-4 d_lr=1e-4
-lightning_pd   lightning      15 5400   64 0     start_steps=64 steps_per_round=900 mse_rounds=3 mse_weight=1 lr=3e-4 lr_anneal=true d_lr=1e-3
+lightning_pd   lightning      15 2400   64 0     start_steps=16 steps_per_round=600 mse_rounds=1 mse_weight=1 lr=3e-4 lr_anneal=true d_lr=1e-3
 "
 for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
