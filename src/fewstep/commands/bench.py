@@ -77,7 +77,7 @@ def register(sub) -> None:
         "--runs",
         type=str_list,
         default=(),
-        help="comma-separated run directories to rank instead of training (evaluated if needed)",
+        help="comma-separated run directories (or earlier bench folders: all their rows) to rank instead of training",
     )
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per method")
     p.add_argument("--max-steps", type=int, default=None, help="iteration budget per method")
