@@ -12,13 +12,12 @@ training, so one distillation scores several. Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
-from tune_common import teacher_row
+from tune_common import teacher_row, tune_parser
 
 from fewstep.eval.evaluate import EvalSettings, Evaluator
 from fewstep.eval.sampling import student_sampler
@@ -29,24 +28,10 @@ from fewstep.train.config import parse_sets
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--method", default="cd")
-    ap.add_argument("--teacher", default="builtin:digits")
-    ap.add_argument("--data", default="digits")
+    ap = tune_parser("bench/consistency_tune.jsonl", method="cd", threads=2)
     ap.add_argument("--run", default=None, help="evaluate this finished run instead of training")
-    ap.add_argument("--minutes", type=float, default=3.0)
-    ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--ema-decay", type=float, default=0.0, help="the engine's evaluation EMA of the student")
-    ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--steps", default="1,2,4")
     ap.add_argument("--mids", default="", help="comma list of intermediate sigmas to try for 2-step sampling")
     ap.add_argument("--gammas", default="", help="CTM: comma list of gamma values to try for multistep sampling")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--log", default="bench/consistency_tune.jsonl")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fidelity", action="store_true", help="also RMSE to the teacher's ODE answers (slow)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

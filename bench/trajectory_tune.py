@@ -10,13 +10,12 @@ to ``--log``. Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
-from tune_common import teacher_row
+from tune_common import teacher_row, tune_parser
 
 from fewstep.eval.evaluate import EvalSettings, Evaluator
 from fewstep.eval.sampling import student_sampler
@@ -26,22 +25,8 @@ from fewstep.train.config import parse_sets
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--method", required=True)
-    ap.add_argument("--teacher", default="builtin:digits")
-    ap.add_argument("--data", default="digits")
-    ap.add_argument("--minutes", type=float, default=3.0)
-    ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--ema-decay", type=float, default=0.0)
-    ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--steps", default="1,2,4")
+    ap = tune_parser("bench/trajectory_tune.jsonl", threads=2)
     ap.add_argument("--guidance", type=float, default=None, help="guided: sampling scale")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--log", default="bench/trajectory_tune.jsonl")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fidelity", action="store_true", help="also RMSE to the teacher's ODE answers (slow)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

@@ -1,7 +1,9 @@
-"""What the bench/*_tune.py scripts share: the teacher's reference row on the tuning seeds."""
+"""What the bench/*_tune.py scripts share: their common options and the teacher's reference row on
+the tuning seeds."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from fewstep.eval.evaluate import Evaluator, Row
@@ -20,3 +22,24 @@ def teacher_row(ev: Evaluator, teacher, tag: str, fidelity: bool = False) -> Row
     row = ev.measure(teacher_sampler(teacher, "heun", 35), fidelity=False)
     atomic_write_json(cache, row.to_dict())
     return row
+
+
+def tune_parser(log: str, method: str | None = None, minutes: float | None = 3.0, batch: int = 64,
+                steps: str = "1,2,4", threads: int = 1) -> argparse.ArgumentParser:  # fmt: skip
+    """The options every tuning script takes, with that script's defaults (``method=None``: required)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", required=method is None, default=method)
+    ap.add_argument("--teacher", default="builtin:digits")
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--minutes", type=float, default=minutes)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--ema-decay", type=float, default=0.0, help="the engine's evaluation EMA of the student")
+    ap.add_argument("--set", action="append", default=[], help="a method option KEY=VALUE (repeatable)")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--steps", default=steps)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--log", default=log)
+    ap.add_argument("--threads", type=int, default=threads)
+    return ap
