@@ -34,6 +34,7 @@ ctm            ctm            12 100000 64 0.999
 ctm_adaptive   ctm            12 100000 64 0.999 dsm_adaptive=true
 add            add            12 100000 64 0.999 lr=1e-4 d_lr=1e-4 distill_weight=10
 add_tuned      add            12 100000 64 0     lr=1e-4 d_lr=1e-3 distill_weight=10
+add_d3_ema     add            12 100000 64 0.999 lr=1e-4 d_lr=1e-3 distill_weight=10
 ladd           ladd           12 100000 64 0.999 lr=1e-4 d_lr=1e-4
 ladd_tuned     ladd           12 100000 64 0     lr=3e-5 d_lr=1e-3 disc_m=-1
 ufogen         ufogen         12 100000 64 0.999 lr=1e-4 d_lr=1e-4
