@@ -22,6 +22,7 @@ from fewstep.eval.sampling import student_sampler
 from fewstep.teachers import load_teacher
 from fewstep.train import distill
 from fewstep.train.config import parse_sets
+from fewstep.train.rundir import read_metrics
 
 
 def main() -> None:
@@ -47,8 +48,7 @@ def main() -> None:
                                 "precision": round(r.precision, 3), "recall": round(r.recall, 3),
                                 "label_acc": r.label_acc}  # fmt: skip
         print(k, rows[f"student_{k}"], flush=True)
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    tail = [m["loss/discriminator"] for m in logged[-10:] if "loss/discriminator" in m]
+    tail = [m["loss/discriminator"] for m in read_metrics(out)[-10:] if "loss/discriminator" in m]
     record = {"method": a.method, "options": options, "minutes": round(minutes, 2), "steps": method.summary["step"],
               "batch": a.batch, "ema_decay": a.ema_decay, "n": a.n, "rows": rows, "out": str(out),
               # chance level: 2 ln 2 = 1.386 (non-saturating), 2.0 (hinge)

@@ -177,18 +177,17 @@ def collect(run_dirs: list[str | Path], out: str | Path, settings: EvalSettings,
     a leaderboard grows without its runs on disk: ``--runs docs/bench-digits,runs/new``. A run
     given after such a folder replaces the folder's row of the same name (a re-run method)."""
     results: dict[str, dict | str] = {}
-    from_board: set[str] = set()
+    given: set[str] = set()  # names of the run folders given (a leaderboard's row may be replaced by one)
     for d in map(Path, run_dirs):
         if (d / "leaderboard.md").is_file() and (d / "results.json").is_file():
-            board = json.loads((d / "results.json").read_text())
-            for name, res in board.items():
+            for name, res in json.loads((d / "results.json").read_text()).items():
                 if name in results:
                     raise FewstepError(f"two runs are named {name!r} (one in {d}); give runs with distinct names")
                 results[name] = res
-                from_board.add(name)
             continue
-        if d.name in results and d.name not in from_board:
+        if d.name in given:
             raise FewstepError(f"two runs are named {d.name!r}; give runs with distinct folder names")
+        given.add(d.name)
         path = d / "results.json"
         if path.is_file():
             res = json.loads(path.read_text())
@@ -198,7 +197,6 @@ def collect(run_dirs: list[str | Path], out: str | Path, settings: EvalSettings,
         if res.get("students") is None or not res["students"]:
             raise FewstepError(f"{d} was evaluated as a model, not a run; give run directories (fewstep distill)")
         results.pop(d.name, None)  # a re-run replaces a leaderboard's row and takes its own place
-        from_board.discard(d.name)
         results[d.name] = res
     first_name = next((n for n, r in results.items() if isinstance(r, dict)), None)
     if first_name is None:
