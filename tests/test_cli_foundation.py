@@ -145,11 +145,19 @@ def test_teacher_train_cli_on_moons(tmp_path):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    # a run folder on the engine: checkpoints, metrics, and the teacher as its student
+    assert (out / "student" / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000030"]
     assert main(["sample", "--model", str(out), "--steps", "4", "-n", "50", "--out", str(tmp_path / "m.png")]) == 0
+    from fewstep.teachers import load_teacher
+
+    assert load_teacher(out).info["data"] == {"kind": "moons", "split": "train", "n": 2000, "convert": False}
+    # --resume continues the same run
+    assert main(["teacher", "train", "--out", str(out), "--resume", "--steps", "40"]) == 0
+    assert load_teacher(out).info["step"] == 40
     # refusing to overwrite a non-empty folder
     r = subprocess.run(
-        [sys.executable, "-m", "fewstep", "teacher", "train", "--data", "moons", "--out", str(out)],
+        [sys.executable, "-m", "fewstep", "teacher", "train", "--data", "moons", "--out", str(out), "--steps", "5"],
         capture_output=True,
         text=True,
         timeout=60,

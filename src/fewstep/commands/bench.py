@@ -15,6 +15,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from fewstep.commands import Formatter
 from fewstep.commands.eval import add_protocol_args, settings_from, str_list
 from fewstep.errors import FewstepError
 
@@ -60,7 +61,8 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="distill several methods with one budget; leaderboard + plot")
+    p = sub.add_parser("bench", help="distill several methods with one budget; leaderboard + plot",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=Formatter)  # fmt: skip
     p.add_argument(
         "--teacher", default="builtin:digits", help="the teacher all methods distill (default builtin:digits)"
     )

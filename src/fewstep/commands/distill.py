@@ -14,17 +14,21 @@ from __future__ import annotations
 import json
 import sys
 
+from fewstep.commands import Formatter, add_data_args
+
 
 def run(args) -> int:
+    from fewstep.commands import data_spec
     from fewstep.train import TrainingInterrupted, default_eval_hook
     from fewstep.train.api import execute, plan_run
     from fewstep.train.config import Sources, parse_sets, read_config_file
 
     file = read_config_file(args.config) if args.config else {}
+    spec = data_spec(args)
     flags = {
         "teacher": args.teacher,
         "method": args.method,
-        "data": args.data,
+        "data": spec.to_dict() if spec is not None else None,
         "max_steps": args.max_steps,
         "minutes": args.minutes,
         "seed": args.seed,
@@ -68,14 +72,15 @@ def leave_process_group() -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("distill", help="distill a teacher into a few-step student (a run directory)")
-    p.add_argument("--teacher", help="builtin:digits, analytic:gaussians8, or a model folder")
+    p = sub.add_parser("distill", help="distill a teacher into a few-step student (a run directory)",
+                       formatter_class=Formatter)  # fmt: skip
+    p.add_argument("--teacher", help="builtin:digits, analytic:gaussians8, a model folder or a teacher run")
     p.add_argument("--method", help="a method name (`fewstep methods` lists them)")
     p.add_argument("--out", help="run directory, e.g. runs/x")
-    p.add_argument("--data", help="data for methods that need it (default: the teacher's training data)")
+    add_data_args(p, "data for methods that need it (default: what the teacher was trained on)")
     p.add_argument("--max-steps", type=int, default=None, help="iterations to train (default 1000)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at whichever ends first)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--batch", type=int, default=None, help="global batch per iteration (default 64)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="iterations between checkpoints (default 500)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")

@@ -8,6 +8,7 @@ training-free solvers; writes report.md with tables and pictures.
 
 from __future__ import annotations
 
+from fewstep.commands import Formatter, add_data_args
 from fewstep.errors import FewstepError
 
 
@@ -27,11 +28,21 @@ def str_list(text: str) -> tuple[str, ...]:
 
 def add_protocol_args(p, n_default: int = 10000, seeds_default: int = 3) -> None:
     """Options shared by eval, bench and demo (the measurement protocol)."""
-    p.add_argument("--n", type=int, default=n_default, help=f"samples per seed range (default {n_default})")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=n_default,
+        help=f"samples per seed range (default {n_default}; a quick look: --n 2000 --seeds 1)",
+    )
     p.add_argument("--seeds", type=int, default=seeds_default, help="repeats over disjoint seed ranges (mean ± std)")
-    p.add_argument("--features", default="auto", help="digits (shipped classifier), inception, raw, or auto")
+    p.add_argument(
+        "--features",
+        default="auto",
+        help="data (a classifier trained on the data folder's training split, cached), digits (the "
+        "shipped 8x8 classifier), inception (local weights), raw (vectors), or auto (by data and shape)",
+    )
     p.add_argument("--feature-weights", default=None, help="classifier folder or Inception weights file")
-    p.add_argument("--data", default=None, help="reference data (default: what the teacher was trained on)")
+    add_data_args(p, "reference data (default: what the run, else the teacher, was trained on)")
     p.add_argument("--fidelity-n", type=int, default=1000, help="samples for teacher fidelity (default 1000)")
     p.add_argument("--baselines", type=str_list, default=("euler", "heun", "dpmpp_2m"), help="solvers to compare")
     p.add_argument("--baseline-nfe", type=int_list, default=(1, 2, 4, 8, 16, 35), help="NFE of the baselines")
@@ -39,10 +50,11 @@ def add_protocol_args(p, n_default: int = 10000, seeds_default: int = 3) -> None
 
 
 def settings_from(args):
+    from fewstep.commands import data_spec
     from fewstep.eval.evaluate import EvalSettings
 
     return EvalSettings(n=args.n, repeats=args.seeds, features=args.features, feature_weights=args.feature_weights,
-                        data=args.data, fidelity_n=args.fidelity_n, baseline_solvers=args.baselines,
+                        data=data_spec(args), fidelity_n=args.fidelity_n, baseline_solvers=args.baselines,
                         baseline_nfe=args.baseline_nfe, cache=not args.no_cache)  # fmt: skip
 
 
@@ -67,7 +79,8 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a run's student (or a model) against its teacher; writes report.md")
+    p = sub.add_parser("eval", help="evaluate a run's student (or a model) against its teacher; writes report.md",
+                       formatter_class=Formatter, description=__doc__.split("\n\n", 1)[1])  # fmt: skip
     p.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory, builtin:NAME, analytic:NAME or a model")
     p.add_argument("--out", default=None, help="report folder (default: the run directory)")
     p.add_argument("--steps", type=int_list, default=None,

@@ -43,24 +43,30 @@ class ClassifierConfig:
     shift: int = 1  # random translation of up to this many pixels (augmentation)
     dropout: float = 0.2
     seed: int = 0
+    in_channels: int = 1
+    resolution: int = 8
+    pool: int = 2  # spatial size before the feature layer (adaptive average pooling)
+    task: str = "labels"  # labels (class sub-folders) or rotation (label-free: which of 4 rotations)
 
 
 class DigitsCNN(nn.Module):
-    """``(N, 1, 8, 8)`` in [-1, 1] -> logits ``(N, 10)``; :meth:`features` is the penultimate
-    ``feature_dim`` vector (after ReLU, before the last linear layer)."""
+    """``(N, C, R, R)`` in [-1, 1] -> logits ``(N, num_classes)``; :meth:`features` is the penultimate
+    ``feature_dim`` vector (after ReLU, before the last linear layer). The shipped digits network
+    is the 8x8 grey case (two poolings reach 2x2, where the adaptive pooling changes nothing)."""
 
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
         c = cfg.channels
         self.cfg = cfg
         self.conv = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(cfg.in_channels, c, 3, padding=1), nn.ReLU(),
             nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),  # 8x8 -> 4x4
             nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),  # 4x4 -> 2x2
+            nn.AdaptiveAvgPool2d(cfg.pool),
         )  # fmt: skip
-        self.fc = nn.Linear(2 * c * 4, cfg.feature_dim)
+        self.fc = nn.Linear(2 * c * cfg.pool**2, cfg.feature_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.feature_dim, cfg.num_classes)
 
@@ -87,12 +93,23 @@ def accuracy(model: DigitsCNN, x: Tensor, y: Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def train_classifier(cfg: ClassifierConfig | None = None) -> tuple[DigitsCNN, dict]:
-    """Train on ``digits:train``; return the model and its record (test accuracy, time)."""
+def _targets(x: Tensor, y: Tensor | None, task: str, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Inputs and targets of one batch: the labels, or (``rotation``) each image turned by a random
+    multiple of 90 degrees with that multiple as its target (Gidaris et al. 2018, arXiv 1803.07728)."""
+    if task == "labels":
+        return x, y
+    k = torch.randint(0, 4, (x.shape[0],), generator=g)
+    return torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k, strict=True)]), k
+
+
+def train_classifier(cfg: ClassifierConfig | None = None, train=None, test=None) -> tuple[DigitsCNN, dict]:
+    """Train on ``train`` (default ``digits:train``); return the model and its record (accuracy on
+    the held-out ``test`` split, time)."""
     from fewstep.data import load_dataset
 
     cfg = cfg or ClassifierConfig()
-    train, test = load_dataset("digits:train"), load_dataset("digits:test")
+    if train is None:
+        train, test = load_dataset("digits:train"), load_dataset("digits:test")
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     model = DigitsCNN(cfg)
@@ -105,14 +122,18 @@ def train_classifier(cfg: ClassifierConfig | None = None) -> tuple[DigitsCNN, di
         perm = torch.randperm(len(train), generator=g)
         for i in range(0, len(train), cfg.batch):
             idx = perm[i : i + cfg.batch]
-            loss = F.cross_entropy(model(_shift(train.x[idx], cfg.shift, g)), train.labels[idx])
+            labels = train.labels[idx] if train.labels is not None else None
+            x, target = _targets(_shift(train.x[idx], cfg.shift, g), labels, cfg.task, g)
+            loss = F.cross_entropy(model(x), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+    held = torch.Generator().manual_seed(cfg.seed + 1)  # fixed rotations of the evaluation images
     record = {
-        "train_accuracy": accuracy(model, train.x, train.labels),
-        "test_accuracy": accuracy(model, test.x, test.labels),
+        "task": cfg.task,
+        "train_accuracy": accuracy(model, *_targets(train.x, train.labels, cfg.task, held)),
+        "test_accuracy": accuracy(model, *_targets(test.x, test.labels, cfg.task, held)),
         "train_split": train.name,
         "test_split": test.name,
         "seconds": round(time.time() - t0, 1),
@@ -147,6 +168,37 @@ def load_classifier(folder: str | Path | None = None) -> DigitsCNN:
     model.load_state_dict(load_tensors(folder / "model.safetensors"))
     model.record = meta.get("record", {})
     return model.eval().requires_grad_(False)
+
+
+def classifier_for(spec, progress=print) -> Path:
+    """The feature classifier of an image folder: trained on its training split (labels from its
+    class sub-folders, or — without them — rotation prediction), checked on its held-out split,
+    and cached under ``$FEWSTEP_CACHE/classifiers/`` by the folder's digest (file names, sizes,
+    modification times) and the images' resolution and channels. Returns its folder."""
+    from fewstep.data import load_dataset
+    from fewstep.eval.reference import cache_dir, data_key
+
+    key = f"{data_key(spec.path)}-r{spec.resolution}c{spec.channels}{'-convert' if spec.convert else ''}"
+    folder = cache_dir() / "classifiers" / key
+    if (folder / "config.json").is_file():
+        return folder
+    train, test = load_dataset(spec.with_split("train")), load_dataset(spec.with_split("test"))
+    labelled = train.labels is not None and train.num_classes > 1
+    epochs = max(3, min(40, -(-120_000 // len(train))))  # about 120k images seen, at most 40 epochs
+    cfg = ClassifierConfig(
+        in_channels=spec.channels, resolution=spec.resolution, pool=4 if spec.resolution >= 16 else 2,
+        num_classes=train.num_classes if labelled else 4, task="labels" if labelled else "rotation",
+        epochs=epochs, shift=max(1, spec.resolution // 10),
+    )  # fmt: skip
+    progress(f"training a feature classifier on {train.name} ({len(train)} images, {cfg.task}, {epochs} epochs; "
+             "cached for later evaluations)")  # fmt: skip
+    model, record = train_classifier(cfg, train, test)
+    progress(f"feature classifier: held-out accuracy {100 * record['test_accuracy']:.1f}% on {test.name} "
+             f"({record['seconds']} s)")  # fmt: skip
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    atomic_write_json(folder / "config.json", {"format": FORMAT, "config": asdict(model.cfg), "record": record,
+                                               "data": spec.to_dict()})  # fmt: skip
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +48,7 @@ class EvalSettings:
     repeats: int = 3
     features: str = "auto"
     feature_weights: str | None = None
-    data: str | None = None  # reference data spec; default: what the teacher was trained on
+    data: Any = None  # reference data (text spec or DataSpec); default: the run's, else the teacher's
     fidelity_n: int = 1000
     teacher_solver: str = "heun"
     teacher_nfe: int = 35
@@ -110,15 +112,26 @@ def model_digest(model: Denoiser) -> str:
 class Evaluator:
     """Everything samplers of ``teacher`` are compared against, built once per run."""
 
-    def __init__(self, teacher: Denoiser, settings: EvalSettings) -> None:
+    def __init__(self, teacher: Denoiser, settings: EvalSettings, data: Any = None, progress=print) -> None:
+        from fewstep.data import Dataset, data_of, parse_data
+
         settings.check()
-        self.teacher, self.s = teacher, settings
+        self.teacher, self.s, self.progress = teacher, settings, progress
         self.shape, self.classes = tuple(teacher.sample_shape), teacher.num_classes
         self.analytic = isinstance(teacher, GaussianMixture)
-        self.extractor = get_extractor(settings.features, self.shape, settings.feature_weights)
-        self.data = settings.data or getattr(teacher, "info", {}).get("trained_on")
-        if self.data is None and not self.analytic:
+        # the reference data: --data, else what the run trained on, else what the teacher did
+        if settings.data is not None:
+            data = parse_data(settings.data)
+        elif data is None:
+            data = data_of(teacher)
+        self.dataset = data if isinstance(data, Dataset) else None  # data kept inside a run
+        self.data = data.spec if self.dataset is not None else data
+        if self.data is None and self.dataset is None and not self.analytic:
             raise FewstepError("cannot tell which data this teacher learned; pass --data (e.g. digits:train)")
+        if self.dataset is not None and tuple(self.dataset.sample_shape) != self.shape:
+            raise FewstepError(f"the run's data has samples of shape {list(self.dataset.sample_shape)}, the teacher "
+                               f"makes {list(self.shape)}; pass the teacher's data with --data")  # fmt: skip
+        self.extractor = get_extractor(settings.features, self.shape, settings.feature_weights, self.data, progress)
         self.ref_x = self._reference_samples()
         if self.ref_x is not None:
             self.ref = self.extractor.features(self.ref_x)
@@ -127,16 +140,20 @@ class Evaluator:
         self.ref_stats = FeatureStats.of(self.ref)
         self.fidelity_seeds = list(range(min(settings.fidelity_n, settings.n)))
         self._answers: Tensor | None = None
-        self.key = f"{model_digest(teacher)}-{self.extractor.name}-{self.data}-n{settings.n}x{settings.repeats}"
+        where = self.data if self.data is not None else (self.dataset.name if self.dataset is not None else None)
+        self.key = f"{model_digest(teacher)}-{self.extractor.name}-{where}-n{settings.n}x{settings.repeats}"
         for name in ("fidelity_n", "kid_subsets", "min_samples"):  # suffixes only where not default
             if getattr(settings, name) != getattr(EvalSettings, name):
                 self.key += f"-{name}{getattr(settings, name)}"
 
     def _reference_samples(self) -> Tensor | None:
-        """Real samples when they are not a cached data set: exact mixture samples, 2-D data."""
-        if self.analytic and self.s.data is None:
+        """Real samples when they are not a cached data set: exact mixture samples, 2-D data, data
+        kept inside a run."""
+        if self.analytic and self.data is None and self.dataset is None:
             g = torch.Generator().manual_seed(1 << 30)  # a stream apart from the generation seeds
             return self.teacher.sample(max(self.s.n, 2 * self.s.min_samples), generator=g).float()
+        if self.dataset is not None:
+            return self.dataset.x
         if isinstance(self.extractor, RawFeatures):
             from fewstep.data import load_dataset
 
@@ -155,14 +172,20 @@ class Evaluator:
         fids, kids, precs, recs, accs, swds, extras = [], [], [], [], [], [], []
         row = Row(sampler.name, sampler.kind, sampler.nfe)
         for r in range(s.repeats):
-            x, y = generate(sampler, range(r * s.n, (r + 1) * s.n), self.shape, self.classes, s.batch)
+            t0 = time.monotonic()
+            x, y = generate(sampler, range(r * s.n, (r + 1) * s.n), self.shape, self.classes, s.batch,
+                            desc=f"{sampler.label}, seed range {r + 1}/{s.repeats}")  # fmt: skip
+            took = time.monotonic() - t0
+            if r == 0 and s.repeats > 1 and took > 20:
+                self.progress(f"  {sampler.label}: {s.n} samples in {took:.0f} s; the row takes about "
+                              f"{took * s.repeats / 60:.1f} min (a quicker look: --n 2000 --seeds 1)")  # fmt: skip
             f = self.extractor.features(x)
             fids.append(fid(self.ref_stats, f, s.min_samples))
             kids.append(kid(self.ref, f, subsets=s.kid_subsets, seed=r)[0])
             p, rc = precision_recall(self.ref, f)
             precs.append(p)
             recs.append(rc)
-            if isinstance(self.extractor, ClassifierFeatures) and y is not None:
+            if isinstance(self.extractor, ClassifierFeatures) and self.extractor.predicts_labels and y is not None:
                 accs.append(float((self.extractor.predict(x) == y).double().mean()))
             if self.ref_x is not None and len(self.shape) == 1:
                 swds.append(sliced_wasserstein(x, self.ref_x, seed=r))
@@ -210,6 +233,7 @@ class Evaluator:
             if k in cached:
                 row = Row(**cached[k])
                 row.cached = True
+                progress(f"teacher {sampler.label}: row reused from the cache of an identical measurement")
             elif twin is not None:
                 row = Row(**{**twin.to_dict(), "name": solver, "nfe": sampler.nfe})
                 progress(f"teacher {sampler.label} reproduces {twin.name} @ {twin.nfe} NFE: row reused")
@@ -228,17 +252,20 @@ class Evaluator:
         sp = measure_speed(sampler, self.shape, self.classes, self.s.speed_batch, self.s.speed_repeats)
         return {"name": sampler.name, "kind": sampler.kind, **sp.to_dict()}
 
-    def floor(self, teacher: Sampler | None = None, holdout: str | None = None) -> dict | None:
+    def floor(self, teacher: Sampler | None = None, holdout: Any = None) -> dict | None:
         """FID of held-out real data against the reference — what a perfect model scores with that
-        many samples (``digits:test`` for ``digits:train``). FID is biased upward at few samples,
-        so ``teacher`` (its reference sampler) is also scored on the same number of seeds."""
-        holdout = holdout or ({"digits:train": "digits:test", "digits": "digits:test"}.get(self.data or ""))
+        many samples (``digits:test`` for ``digits:train``, a folder's test split for its training
+        split). FID is biased upward at few samples, so ``teacher`` (its reference sampler) is also
+        scored on the same number of seeds."""
+        from fewstep.data import parse_data
+
+        holdout = parse_data(holdout) if holdout is not None else (self.data.held_out() if self.data else None)
         if holdout is None:
             return None
         f = reference_features(self.extractor, holdout, cache=self.s.cache)
         n, least = f.shape[0], min(100, f.shape[0])
         p, r = precision_recall(self.ref, f)
-        out = {"data": holdout, "n": n, "fid": fid(self.ref_stats, f, min_samples=least),
+        out = {"data": str(holdout), "n": n, "fid": fid(self.ref_stats, f, min_samples=least),
                "kid": kid(self.ref, f, subsets=self.s.kid_subsets)[0], "precision": p, "recall": r}  # fmt: skip
         if teacher is not None:
             x, _ = generate(teacher, range(n), self.shape, self.classes, self.s.batch)
@@ -246,9 +273,12 @@ class Evaluator:
         return out
 
     def describe(self) -> dict:
-        d = {**asdict(self.s), "features": self.extractor.name, "feature_dim": self.extractor.dim,
-             "reference": self.data or "exact", "reference_n": self.ref_stats.n}  # fmt: skip
+        ref = str(self.data) if self.data is not None else (self.dataset.name if self.dataset is not None else "exact")
+        d = {**asdict(self.s), "data": ref, "features": self.extractor.name, "feature_dim": self.extractor.dim,
+             "reference": ref, "reference_n": self.ref_stats.n}  # fmt: skip
         rec = getattr(self.extractor, "record", None)
         if rec:
             d["classifier_test_accuracy"] = rec.get("test_accuracy")
+            d["classifier_task"] = rec.get("task", "labels")
+            d["classifier_test_split"] = rec.get("test_split")
         return json.loads(json.dumps(d, default=str))

@@ -73,20 +73,22 @@ class RawFeatures(Features):
 
 
 class ClassifierFeatures(Features):
-    """Penultimate layer of fewstep's digits CNN (see :mod:`fewstep.eval.classifier`)."""
+    """Penultimate layer of a fewstep feature CNN (see :mod:`fewstep.eval.classifier`): the shipped
+    digits one (8x8 grey), or one trained on a folder's training split (``--features data``)."""
 
-    input_shape = (1, 8, 8)
-
-    def __init__(self, folder: str | Path | None = None) -> None:
+    def __init__(self, folder: str | Path | None = None, prefix: str = "digits-cnn") -> None:
         super().__init__()
         from fewstep.eval.classifier import load_classifier, shipped_path
 
         folder = Path(folder) if folder is not None else shipped_path()
         self.net = load_classifier(folder)
-        self.dim = self.net.cfg.feature_dim
+        cfg = self.net.cfg
+        self.dim = cfg.feature_dim
+        self.input_shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
         digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
-        self.name = f"digits-cnn-{digest}"
+        self.name = f"{prefix}-{digest}"
         self.record = getattr(self.net, "record", {})
+        self.predicts_labels = cfg.task == "labels"
 
     def _features(self, x: Tensor) -> Tensor:
         return self.net.features(x.clamp(-1, 1))
@@ -158,13 +160,45 @@ class InceptionFeatures(Features):
         return self.net(u8)[0].reshape(x.shape[0], -1)
 
 
-EXTRACTORS = ("digits", "inception", "raw")
+EXTRACTORS = ("data", "digits", "inception", "raw")
 
 
-def get_extractor(name: str, sample_shape: tuple[int, ...], weights: str | Path | None = None) -> Features:
-    """Build an extractor by name (``digits``, ``inception``, ``raw``; ``auto`` picks by shape)."""
+def get_extractor(
+    name: str, sample_shape: tuple[int, ...], weights: str | Path | None = None, data=None, progress=print
+) -> Features:
+    """Build an extractor by name and check it takes samples of ``sample_shape`` (before anything
+    is sampled). ``data`` (a :class:`~fewstep.data.DataSpec`) is the reference data, which
+    ``data`` features are trained on. ``auto`` picks ``raw`` for vectors, ``digits`` for the 8x8
+    digits, ``data`` for an image folder, else ``inception``."""
     if name == "auto":
-        name = "raw" if len(sample_shape) == 1 else "digits" if tuple(sample_shape) == (1, 8, 8) else "inception"
+        if len(sample_shape) == 1:
+            name = "raw"
+        elif tuple(sample_shape) == (1, 8, 8) and (data is None or data.kind == "digits"):
+            name = "digits"
+        else:
+            name = "data" if data is not None and data.kind == "folder" else "inception"
+    extractor = _build(name, sample_shape, weights, data, progress)
+    extractor.check(torch.zeros(1, *sample_shape))
+    return extractor
+
+
+def _build(name: str, sample_shape: tuple[int, ...], weights, data, progress) -> Features:
+    if name == "data":
+        if weights is not None:
+            return ClassifierFeatures(weights, prefix="data-cnn")
+        if data is None or data.kind != "folder":
+            raise FewstepError(
+                f"--features data trains a classifier on an image folder, and the reference data is {data}; "
+                "pass the folder with --data, or pick --features digits/inception/raw"
+            )
+        if tuple(sample_shape) != (data.channels, data.resolution, data.resolution):
+            raise FewstepError(
+                f"the samples are {'x'.join(map(str, sample_shape))} but the data folder {data.path} holds "
+                f"{data.channels}x{data.resolution}x{data.resolution} images; pass the teacher's data with --data"
+            )
+        from fewstep.eval.classifier import classifier_for
+
+        return ClassifierFeatures(classifier_for(data, progress), prefix="data-cnn")
     if name == "digits":
         return ClassifierFeatures(weights)
     if name == "inception":

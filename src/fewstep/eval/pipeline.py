@@ -47,6 +47,7 @@ class Subject:
     run_dir: Path | None = None
     students: list[Sampler] = field(default_factory=list)
     cost: dict = field(default_factory=dict)
+    data: Any = None  # what a run trained on (DataSpec or Dataset); None: the teacher's own
 
 
 def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None) -> Subject:
@@ -59,15 +60,17 @@ def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None) -> S
     if path.is_dir() and is_run_dir(path):
         from fewstep.eval.speed import run_cost
         from fewstep.train import load_run
+        from fewstep.train.api import run_data
 
         method = load_run(path)
         cfg = method.run["config"]
+        data = run_data(path, cfg)
         teacher_spec = cfg["teacher"].get("spec") or f"{path}/teacher"
         if student_steps is None:
             student_steps = tuple(k for k in getattr(method, "default_steps", (1, 2, 4)) if k <= 4) or (1,)
         students = [student_sampler(method, k, f"{method.name}") for k in student_steps]
         return Subject(f"{method.name} run {path.name}", method.teacher, teacher_spec, method, path, students,
-                       run_cost(path))  # fmt: skip
+                       run_cost(path), data)  # fmt: skip
     if path.is_dir() and (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
         if cfg.get("format") == "fewstep-student":
@@ -87,7 +90,7 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    ev = Evaluator(subject.teacher, settings)
+    ev = Evaluator(subject.teacher, settings, subject.data, progress)
     progress(f"reference: {ev.data or 'exact samples'} ({ev.ref_stats.n} samples, features {ev.extractor.name})")
     s = settings
     pairs = [(s.teacher_solver, s.teacher_nfe)] + [(sv, k) for sv in s.baseline_solvers for k in s.baseline_nfe]
@@ -174,7 +177,10 @@ def render(results: dict) -> str:
         f"- teacher: `{results['teacher']}`" + (f"; method: `{results['method']}`" if results["method"] else ""),
         f"- protocol: {p['n']} samples × {p['repeats']} seed range(s) (sample *i* from seed *i*), labels uniform, "
         f"guidance 1; FID/KID/precision/recall (k=3) in the features `{p['features']}` ({p['feature_dim']}-d)"
-        + (f", classifier test accuracy {100 * acc:.2f}%" if (acc := p.get("classifier_test_accuracy")) else "")
+        + (f", held-out accuracy of the feature network {100 * acc:.2f}%"
+           + (" (rotation prediction: the data has no labels)" if p.get("classifier_task") == "rotation" else "")
+           + (f" on `{p['classifier_test_split']}`" if p.get("classifier_test_split") else "")
+           if (acc := p.get("classifier_test_accuracy")) else "")
         + f"; reference: `{p['reference']}` ({p['reference_n']} samples)",
         f"- FID ratio = FID / FID(teacher {SOLVER_NAMES.get(teacher.name, teacher.name)} @ {teacher.nfe} NFE), "
         f"measured in this run; fidelity = RMSE to the teacher's ODE answer (Heun, 128 steps) for the same noise, "

@@ -24,7 +24,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
 
 
-def _data_key(spec: str) -> str:
+def data_key(spec: str) -> str:
     path = Path(spec)
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_")[-60:]
     if path.is_dir():
@@ -37,22 +37,23 @@ def _data_key(spec: str) -> str:
     return tag
 
 
-def reference_features(
-    extractor: Features,
-    data: str,
-    resolution: int | None = None,
-    channels: int | None = None,
-    cache: bool = True,
-) -> Tensor:
-    """``(N, D)`` features of the data set ``data`` (a :func:`fewstep.data.load_dataset` spec)."""
-    from fewstep.data import load_dataset
+def reference_features(extractor: Features, data, cache: bool = True) -> Tensor:
+    """``(N, D)`` features of the data set ``data`` (a :class:`~fewstep.data.DataSpec` or a text spec)."""
+    from fewstep.data import load_dataset, parse_data
 
-    key = f"{extractor.name}__{_data_key(data)}" + (f"_r{resolution}" if resolution else "")
+    spec = parse_data(data)
+    tag = (
+        data_key(spec.path) + f"_{spec.split}_r{spec.resolution}c{spec.channels}"
+        if spec.kind == "folder"
+        else str(spec)
+    )
+    tag += "_convert" if spec.convert else ""
+    key = f"{extractor.name}__{re.sub(r'[^A-Za-z0-9_.-]+', '_', tag).strip('_')}"
     path = cache_dir() / "reference" / f"{key}.safetensors"
     if cache and path.is_file():
         return load_tensors(path)["features"]
-    x = load_dataset(data, resolution, channels).x
+    x = load_dataset(spec).x
     f = extractor.features(x)
     if cache:
-        save_tensors(path, {"features": f}, metadata={"data": data, "extractor": extractor.name})
+        save_tensors(path, {"features": f}, metadata={"data": str(spec), "extractor": extractor.name})
     return f

@@ -100,20 +100,30 @@ def generate(
     num_classes: int = 0,
     batch: int = 500,
     labels: Tensor | None = None,
+    desc: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Samples for ``seeds``: noise and uniform labels of sample ``i`` come from seed ``i`` alone.
 
-    ``labels`` overrides the seeded labels (one per seed). Returns ``(samples, labels)``.
+    ``labels`` overrides the seeded labels (one per seed). ``desc`` shows a progress bar (samples,
+    rate, ETA) on a terminal. Returns ``(samples, labels)``.
     """
+    import sys
+
+    from tqdm.auto import tqdm
+
     fn = sampler.fn if isinstance(sampler, Sampler) else sampler
     seeds = list(seeds)
     if labels is None:
         labels = seeded_labels(seeds, num_classes)
     xs = []
+    bar = tqdm(total=len(seeds), desc=desc, unit="sample", leave=False, dynamic_ncols=True,
+               disable=desc is None or not sys.stderr.isatty())  # fmt: skip
     for i, chunk in enumerate(batches(seeds, batch)):
         z = seeded_noise(chunk, tuple(sample_shape))
         y = None if labels is None else labels[i * batch : i * batch + len(chunk)]
         xs.append(fn(z, y))
+        bar.update(len(chunk))
+    bar.close()
     x = torch.cat(xs) if xs else torch.zeros(0, *sample_shape)
     return x, labels
 

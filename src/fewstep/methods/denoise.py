@@ -15,6 +15,10 @@ ordinary denoiser with Euler (= DDIM) on the Karras grid, ``steps`` network eval
 
 Defaults: P_mean = -1.2, P_std = 1.2 (EDM Table 1); Adam, betas (0.9, 0.999), lr 1e-4 (a
 fine-tuning rate, a tenth of EDM's from-scratch 1e-3); no gradient clipping, as EDM.
+
+``fewstep teacher train`` runs this method from a freshly initialised network (the run's
+"teacher" is then only the initial weights): lr 2e-3 with a linear warm-up (``warmup_steps``),
+betas (0.9, 0.99), label dropout 0.1, and the engine's EDM evaluation EMA (half-life with ramp-up).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class DenoiseConfig:
     p_std: float = 1.2
     label_dropout: float = 0.0
     solver: str = "euler"  # sampler of the student: euler (1 NFE per step) or heun
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps (training from scratch)
+    grid_steps: tuple[int, ...] = (1, 2, 4)  # NFE of the run's sample grids and default evaluation
 
 
 @register
@@ -59,14 +65,18 @@ class Denoise(Method):
         if self.config.solver not in ("euler", "heun"):
             raise FewstepError(f"denoise samples with euler or heun, got solver {self.config.solver!r}")
         self.student = copy_teacher(teacher)
+        self.default_steps = tuple(self.config.grid_steps)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student}
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
         c = self.config
+        warmup = (lambda k: min(1.0, (k + 1) / c.warmup_steps)) if c.warmup_steps > 0 else None
         return {
-            "student": OptimizerSpec(["student"], c.lr, c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+            "student": OptimizerSpec(
+                ["student"], c.lr, c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip, lr_schedule=warmup
+            )  # fmt: skip
         }
 
     def edm_loss(self, x0: Tensor, labels: Tensor | None, sigma: Tensor, noise: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 ``load_teacher(spec)`` accepts
 - ``builtin:digits`` / ``builtin:moons`` — the pre-trained models shipped inside the package;
 - ``analytic:gaussians8`` / ``analytic:image`` — exact Gaussian-mixture teachers;
-- a folder written by :func:`fewstep.teachers.native.save_model` (a teacher or a run's student);
+- a folder written by :func:`fewstep.teachers.native.save_model` (a teacher or a run's student),
+  or a run folder (its student: what ``fewstep teacher train`` makes);
 - a diffusers pipeline or model folder (:mod:`fewstep.teachers.diffusers`);
 - ``lora:<rank>:<folder>`` — that diffusers teacher carrying LoRA adapters for a LoRA student.
 """
@@ -63,6 +64,14 @@ def load_teacher(spec: str | Path | Denoiser) -> Denoiser:
     if is_diffusers_folder(path):
         return load_diffusers(path)
     if (path / "config.json").is_file():
+        from fewstep.io import read_json
+
+        if read_json(path / "config.json").get("format") == "fewstep-run":  # a run: its student
+            if not (path / "student" / "config.json").is_file():
+                raise FewstepError(
+                    f"run {path} has no finished student yet; finish it with --resume (its checkpoints are kept)"
+                )
+            path = path / "student"
         return load_model(path)
     raise FewstepError(
         f"{path} has no config.json or model_index.json; pass a fewstep or diffusers model folder (or a builtin: name)"

@@ -36,6 +36,7 @@ from fewstep.train.rundir import (
 )
 
 RUN_VERSION = 1
+BY_NAME = ("builtin:", "analytic:", "lora:")  # teachers that load by name: never copied into a run
 
 
 @dataclasses.dataclass
@@ -104,10 +105,27 @@ def plan_run(
         raise FewstepError("give a teacher (--teacher builtin:digits, analytic:gaussians8 or a model folder)")
     cfg = build_train_config(engine_opts)
     options = build(method_cls.Config, method_opts, f"method {method_cls.name}")
+    if cfg.teacher and not resume:
+        cfg.teacher = absolute_spec(cfg.teacher)
+    if cfg.data is not None:
+        from fewstep.data import parse_data
+
+        cfg.data = parse_data(cfg.data).to_dict()
     teacher_obj = teacher is not None and not resume
     if teacher is None:
         teacher = _resume_teacher(out) if resume else load_teacher(cfg.teacher)
     return Plan(out, cfg, method_cls, options, teacher, teacher_obj, data, resume, overwrite)
+
+
+def absolute_spec(spec: str) -> str:
+    """A teacher spec that names a folder, made absolute (a run then works from any directory)."""
+    if spec.startswith(("builtin:", "analytic:")):
+        return spec
+    if spec.startswith("lora:"):
+        head, _, folder = spec.rpartition(":")
+        return f"{head}:{Path(folder).expanduser().resolve()}" if Path(folder).expanduser().exists() else spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def _resume_sources(out: Path, sources: Sources) -> Sources:
@@ -119,6 +137,12 @@ def _resume_sources(out: Path, sources: Sources) -> Sources:
     saved = read_run_config(out)
     train, method = dict(saved["train"]), saved["method"]
     given = {**sources.file, **{k: v for k, v in sources.flags.items() if v is not None}}
+    if given.get("teacher"):
+        given["teacher"] = absolute_spec(str(given["teacher"]))
+    if given.get("data") is not None:
+        from fewstep.data import parse_data
+
+        given["data"] = parse_data(given["data"]).to_dict()
     if given.get("method", method["name"]) != method["name"]:
         raise FewstepError(f"{out} is a {method['name']!r} run; --resume cannot switch it to {given['method']!r}")
     if given.get("teacher", "") not in ("", saved["teacher"].get("spec")):
@@ -156,17 +180,27 @@ def _resume_teacher(out: Path) -> Denoiser:
     return run_teacher(out, read_run_config(out))
 
 
+DATA_FILE = "data.safetensors"  # data given to fewstep.distill as an object, kept for resume and eval
+
+
 def resolve_data(plan: Plan, method: Method) -> Dataset | None:
-    """The data of a method that needs it: the given object, ``--data``, or the teacher's own."""
-    from fewstep.data import load_dataset
+    """The data of a method that needs it: the given object, ``--data``, the copy a resumed run
+    saved, or the teacher's own."""
+    from fewstep.data import data_of, load_dataset
     from fewstep.teachers.analytic import GaussianMixture
 
     if not getattr(method, "needs_data", False):
         return None
     if plan.data_obj is not None:
         return plan.data_obj
-    spec = plan.cfg.data or getattr(plan.teacher, "info", {}).get("trained_on")
-    if spec:
+    if plan.cfg.data is not None:
+        return load_dataset(plan.cfg.data)
+    if plan.resume:
+        recorded = run_data(plan.out, read_run_config(plan.out))
+        if recorded is not None:
+            return recorded if isinstance(recorded, Dataset) else load_dataset(recorded)
+    spec = data_of(plan.teacher)
+    if spec is not None:
         return load_dataset(spec)
     if isinstance(plan.teacher, GaussianMixture):  # exact samples of the analytic teacher
         g = torch.Generator().manual_seed(plan.cfg.seed)
@@ -201,19 +235,66 @@ def execute(plan: Plan, eval_hook=None) -> Method:
         if latest(plan.out / "checkpoints") is None:
             raise FewstepError(f"--resume: {plan.out} has no usable checkpoint; start it again with --overwrite")
     config = plan.config()
-    config["data"] = None if data is None else {"spec": plan.cfg.data, "name": data.name, "size": len(data)}
+    config["data"] = data_record(data)
     if plan.resume:  # keep what the run was made with; only the budget options may have changed
         config = {**read_run_config(plan.out), "train": config["train"]}
     state.wait_for_everyone()
     if state.is_main_process:
         if not plan.resume:
             reset_out_dir(plan.out)
-            if plan.teacher_obj and not save_teacher(plan.teacher, plan.out / "teacher"):
-                config["teacher"]["saved"] = False
+            # a teacher object, or a model folder (small: copied so the run never needs its folder again)
+            if plan.teacher_obj or (plan.cfg.teacher and not plan.cfg.teacher.startswith(BY_NAME)):
+                config["teacher"]["saved"] = save_teacher(plan.teacher, plan.out / "teacher")
+            if data is not None and data.spec is None:
+                save_data(data, plan.out)
         atomic_write_json(plan.out / "config.json", config)
     state.wait_for_everyone()
     summary = train(method, plan.cfg, plan.out, data=data, eval_hook=eval_hook, resume=plan.resume)
     return finish(method, plan.out, summary)
+
+
+def data_record(data: Dataset | None) -> dict[str, Any] | None:
+    """How a run's data is written in its config: the spec that reloads it, or ``saved`` (a data
+    set built in Python, kept as ``data.safetensors`` in the run)."""
+    if data is None:
+        return None
+    spec = data.spec.to_dict() if data.spec is not None else None
+    return {"spec": spec, "saved": spec is None, "name": data.name, "size": len(data)}
+
+
+def save_data(data: Dataset, out: Path) -> None:
+    from fewstep.io import save_tensors
+
+    tensors = {"x": data.x.contiguous()}
+    if data.labels is not None:
+        tensors["labels"] = data.labels.contiguous()
+    save_tensors(out / DATA_FILE, tensors, metadata={"num_classes": str(data.num_classes), "name": data.name})
+
+
+def load_saved_data(run_dir: Path) -> Dataset:
+    from safetensors import safe_open
+
+    from fewstep.io import load_tensors
+
+    path = Path(run_dir) / DATA_FILE
+    t = load_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return Dataset(t["x"], t.get("labels"), int(meta.get("num_classes", 0)), meta.get("name", str(path)))
+
+
+def run_data(run_dir: Path, config: dict[str, Any]) -> Any:
+    """What a run trained on: a :class:`~fewstep.data.DataSpec`, a :class:`Dataset` (saved in the
+    run), or ``None`` (data-free methods)."""
+    from fewstep.data import parse_data
+
+    train = config.get("train", {}).get("data")
+    record = config.get("data") or {}
+    if record.get("saved") and (Path(run_dir) / DATA_FILE).is_file():
+        return load_saved_data(run_dir)
+    if record.get("spec"):
+        return parse_data(record["spec"])
+    return parse_data(train) if train else None
 
 
 def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
@@ -231,7 +312,12 @@ def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
     else:
         load_checkpoint_into(method, out, ema=True)
     if PartialState().is_main_process:
-        save_student(method.student, out / "student", {"method": method.name, **summary}, state=state)
+        info = {"method": method.name, **summary}
+        record = read_run_config(out).get("data") or {}
+        if record.get("spec"):  # the student says what it learned from (a trained teacher is used so)
+            info["data"] = record["spec"]
+            info["trained_on"] = record.get("name")
+        save_student(method.student, out / "student", info, state=state)
     method.summary = summary
     return method
 
@@ -343,8 +429,8 @@ def load_run(
 
 # --- the Python entry point ---------------------------------------------------------------------
 def distill(
-    teacher: str | Denoiser,
-    method: str = "denoise",
+    teacher: str | Denoiser | None,
+    method: str | None = None,
     max_steps: int | None = None,
     out: str | Path | None = None,
     *,
@@ -362,9 +448,11 @@ def distill(
     keyword is an option of the method's ``Config`` (or pass them as ``options={...}``).
 
     Args:
-        teacher: a spec (``"builtin:digits"``, ``"analytic:gaussians8"``, a model folder) or a
-            :class:`~fewstep.denoiser.Denoiser` object (saved into the run so it can be reloaded).
-        method: a registered method name (``fewstep methods`` lists them).
+        teacher: a spec (``"builtin:digits"``, ``"analytic:gaussians8"``, a model or run folder) or a
+            :class:`~fewstep.denoiser.Denoiser` object (saved into the run so it can be reloaded);
+            ``None`` with ``resume=True`` (the run's own).
+        method: a registered method name (``fewstep methods`` lists them; default ``denoise``, or
+            the resumed run's).
         max_steps: iterations to train (default 1000 when ``minutes`` is not given either).
         out: the run directory; a fresh temporary folder when ``None``.
         data: a data spec or :class:`~fewstep.data.Dataset` for methods that need data.
@@ -380,13 +468,14 @@ def distill(
         >>> m = distill("analytic:gaussians8", "denoise", max_steps=100, out="runs/demo")  # doctest: +SKIP
     """
     engine_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    engine = {k: v for k, v in kwargs.items() if k in engine_fields}
+    engine = {k: v for k, v in kwargs.items() if k in engine_fields and v is not None}
     method_opts = {**(options or {}), **{k: v for k, v in kwargs.items() if k not in engine_fields}}
-    engine["method"] = method
+    if method is not None or not resume:
+        engine["method"] = method or "denoise"
     if max_steps is not None or engine.get("minutes") is not None:
         engine["max_steps"] = max_steps
     obj_teacher = teacher if isinstance(teacher, Denoiser) else None
-    if obj_teacher is None:
+    if obj_teacher is None and teacher is not None:
         engine["teacher"] = str(teacher)
     obj_data = data if isinstance(data, Dataset) else None
     if isinstance(data, str):

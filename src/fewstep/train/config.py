@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class TrainConfig:
 
     teacher: str = ""
     method: str = ""
-    data: str | None = None  # data set for methods that need data; default: the teacher's training data
+    data: str | dict | None = None  # data for methods that need it (a spec; saved whole); default: the teacher's
     max_steps: int | None = 1000
     minutes: float | None = None
     seed: int = 0
@@ -56,6 +57,10 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's autocast; weights stay float32)
     cpu: bool = False  # force the CPU even when a GPU is present
     ema_decay: float = 0.999
+    # EDM's evaluation EMA instead of a fixed decay: a half-life in thousands of images, never longer
+    # than ema_rampup x the images seen so far (Karras et al. 2022, training_loop.py; EDM uses 500 and 0.05)
+    ema_halflife_kimg: float | None = None
+    ema_rampup: float | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -63,6 +68,17 @@ class TrainConfig:
     sample_n: int = 64
     eval_every: int = 0  # 0: no periodic evaluation
     max_nonfinite: int = 20  # this many non-finite iterations in a row stop the run
+
+    def eval_ema_decay(self, step: int) -> float:
+        """The evaluation EMA's decay at iteration ``step`` (0-based): ``ema_decay``, or EDM's
+        ``0.5 ** (batch / halflife)`` with ``halflife = min(ema_halflife_kimg * 1000, ema_rampup *
+        images seen)`` when either is set (a pure function of the step, so resumes are exact)."""
+        if self.ema_halflife_kimg is None and self.ema_rampup is None:
+            return self.ema_decay
+        half = self.ema_halflife_kimg * 1000 if self.ema_halflife_kimg is not None else math.inf
+        if self.ema_rampup is not None:
+            half = min(half, (step + 1) * self.batch * self.ema_rampup)
+        return 0.5 ** (self.batch / max(half, 1e-8))
 
     def validate(self) -> None:
         """One-line errors for values no type check catches."""
@@ -76,6 +92,14 @@ class TrainConfig:
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (mp in MIXED_PRECISION, f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {mp!r}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
+            (
+                self.ema_halflife_kimg is None or self.ema_halflife_kimg > 0,
+                f"ema_halflife_kimg must be > 0, got {self.ema_halflife_kimg}",
+            ),
+            (
+                self.ema_rampup is None or 0 < self.ema_rampup <= 1,
+                f"ema_rampup must lie in (0, 1], got {self.ema_rampup}",
+            ),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),

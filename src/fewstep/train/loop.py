@@ -320,7 +320,7 @@ def train(
     clock = {"start": time.monotonic(), "last": time.monotonic(), "last_step": step}
     deadline = clock["start"] + cfg.minutes * 60 if cfg.minutes else math.inf
     total = cfg.max_steps if cfg.max_steps is not None else math.inf
-    bar = progress_bar(cfg, step, main, method.name)
+    bar = Progress(cfg, step, method.name) if main else None
     stopped_by, last_saved = ("max_steps" if step >= total else None), (step if resume else -1)
     try:
         with _Signals() as signals:
@@ -368,8 +368,7 @@ def log_window(window: Window, counters, step: int, clock: dict, metrics: Metric
     clock.update(last=now, last_step=step)
     metrics.log(step, {**stats, "it_per_s": rate, "elapsed_s": now - clock["start"]})
     if bar is not None:
-        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in stats.items() if k.startswith("loss/")})
-        bar.update(step - bar.n)
+        bar.update(step, now - clock["start"], {k.split("/")[-1]: v for k, v in stats.items() if k.startswith("loss/")})
     return stats
 
 
@@ -451,7 +450,7 @@ def iteration(
         if owner in due:
             tracker.update((1.0 - spec.value(step)) * keep)
     if setup.student_opt in due:
-        setup.eval_ema.update((1.0 - cfg.ema_decay) * keep)
+        setup.eval_ema.update((1.0 - cfg.eval_ema_decay(step)) * keep)
     counters["nonfinite"] += bad
     counters["streak"].mul_(bad).add_(bad)
 
@@ -552,12 +551,52 @@ class Window:
         return out
 
 
-def progress_bar(cfg: TrainConfig, step: int, main: bool, name: str):
-    if not main:
-        return None
-    from tqdm.auto import tqdm
+class Progress:
+    """The run's progress bar, whose total and ETA follow the budget: iterations, minutes, or
+    whichever ends first (in per mille of the budget when minutes are given). Where standard error
+    is not a terminal (a log file, a notebook's captured output), a plain line every 30 seconds."""
 
-    return tqdm(total=cfg.max_steps, initial=step, desc=name, dynamic_ncols=True, disable=None, unit="it")
+    def __init__(self, cfg: TrainConfig, step: int, name: str) -> None:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.steps, self.seconds, self.name, self.step0 = cfg.max_steps, cfg.minutes and cfg.minutes * 60, name, step
+        self.tty = sys.stderr.isatty()
+        self.last_line = -math.inf
+        if self.seconds:
+            fmt = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
+            self.bar = tqdm(total=1000, desc=name, bar_format=fmt, dynamic_ncols=True, disable=not self.tty)
+        else:
+            self.bar = tqdm(total=self.steps, initial=step, desc=name, dynamic_ncols=True, unit="it",
+                            disable=not self.tty)  # fmt: skip
+
+    def fraction(self, step: int, elapsed: float) -> float:
+        done = step / self.steps if self.steps else 0.0
+        return min(1.0, max(done, elapsed / self.seconds if self.seconds else 0.0))
+
+    def update(self, step: int, elapsed: float, losses: dict[str, float]) -> None:
+        shown = {k: f"{v:.4g}" for k, v in losses.items()}
+        rate = (step - self.step0) / max(elapsed, 1e-9)
+        if self.seconds:
+            self.bar.set_postfix({"it": step, "it/s": f"{rate:.2f}", **shown}, refresh=False)
+            self.bar.update(round(1000 * self.fraction(step, elapsed)) - self.bar.n)
+        else:
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(step - self.bar.n)
+        if not self.tty and (elapsed - self.last_line >= 30 or self.fraction(step, elapsed) >= 1):
+            import sys
+
+            self.last_line = elapsed
+            f = self.fraction(step, elapsed)
+            f0 = self.steps and not self.seconds and self.step0 / self.steps or 0.0
+            eta = elapsed * (1 - f) / max(f - f0, 1e-9)
+            loss = ", ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"{self.name}: step {step} ({100 * f:.0f}%), {loss}, {rate:.2f} it/s, {elapsed / 60:.1f} min, "
+                  f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # --- checkpoints --------------------------------------------------------------------------------
