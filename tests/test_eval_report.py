@@ -118,6 +118,7 @@ def test_eval_refuses_a_run_without_a_student(run_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(run_dir / "config.json", empty / "config.json")
+    shutil.copytree(run_dir / "teacher", empty / "teacher")  # the run's copy of its teacher
     assert main(["eval", str(empty), *QUICK]) == 2
     one_line_error(capsys, "no usable checkpoint")
 

@@ -82,7 +82,7 @@ def test_distill_writes_a_complete_run_directory(tmp_path, teacher_dir, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "fewstep-run" and cfg["method"]["name"] == "denoise"
     assert cfg["method"]["options"]["lr"] == 2e-4 and cfg["train"]["ema_decay"] == 0.9
-    assert cfg["teacher"]["spec"] == teacher_dir and cfg["data"]["name"] == "moons"
+    assert cfg["teacher"]["spec"] == teacher_dir and cfg["data"]["name"] == "moons:500"
     assert [r["step"] for r in read_metrics(out)] == [2, 4]
     assert (out / "checkpoints" / "step-00000004" / "state.json").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == [f"step-00000004-{k}step.png" for k in (1, 2, 4)]
@@ -139,7 +139,7 @@ def test_a_class_mismatch_between_teacher_and_data_is_refused(tmp_path, capsys):
 
     t = save_model(tiny_teacher(num_classes=3), tmp_path / "t3")
     assert distill(str(t), tmp_path / "run") == 2
-    one_line_error(capsys, "data moons has 2 classes but the teacher has 3")
+    one_line_error(capsys, "data moons:500 has 2 classes but the teacher has 3")
 
 
 def test_an_existing_run_is_never_overwritten_silently(tmp_path, teacher_dir, capsys):

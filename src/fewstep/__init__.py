@@ -2,11 +2,18 @@
 
 __version__ = "0.1.0"
 
-_LAZY = {"distill": "fewstep.train", "load_run": "fewstep.train"}
+_LAZY = {
+    "distill": "fewstep.train",
+    "load_run": "fewstep.train",
+    "train_teacher": "fewstep.train.teacher",
+    "TeacherOptions": "fewstep.train.teacher",
+    "load_dataset": "fewstep.data",
+    "Dataset": "fewstep.data",
+}
 
 
 def __getattr__(name: str):
-    """``fewstep.distill`` / ``fewstep.load_run`` without importing torch on ``import fewstep``."""
+    """``fewstep.distill``, ``fewstep.train_teacher``, ... without importing torch on ``import fewstep``."""
     if name in _LAZY:
         import importlib
 
@@ -14,4 +21,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "distill", "load_run"]
+__all__ = ["__version__", "distill", "load_run", "train_teacher", "TeacherOptions", "load_dataset", "Dataset"]

@@ -192,7 +192,8 @@ def classifier_for(spec, progress=print) -> Path:
     )  # fmt: skip
     progress(f"training a feature classifier on {train.name} ({len(train)} images, {cfg.task}, {epochs} epochs; "
              "cached for later evaluations)")  # fmt: skip
-    model, record = train_classifier(cfg, train, test)
+    with torch.enable_grad():  # evaluation may run under no_grad
+        model, record = train_classifier(cfg, train, test)
     progress(f"feature classifier: held-out accuracy {100 * record['test_accuracy']:.1f}% on {test.name} "
              f"({record['seconds']} s)")  # fmt: skip
     save_tensors(folder / "model.safetensors", model.state_dict())

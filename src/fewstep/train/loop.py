@@ -554,7 +554,8 @@ class Window:
 class Progress:
     """The run's progress bar, whose total and ETA follow the budget: iterations, minutes, or
     whichever ends first (in per mille of the budget when minutes are given). Where standard error
-    is not a terminal (a log file, a notebook's captured output), a plain line every 30 seconds."""
+    is not a terminal (a log file, a notebook's captured output), a plain line at the logging
+    points, at most one per 30 seconds."""
 
     def __init__(self, cfg: TrainConfig, step: int, name: str) -> None:
         import sys
@@ -563,7 +564,7 @@ class Progress:
 
         self.steps, self.seconds, self.name, self.step0 = cfg.max_steps, cfg.minutes and cfg.minutes * 60, name, step
         self.tty = sys.stderr.isatty()
-        self.last_line = -math.inf
+        self.last_line = 0.0  # runs shorter than 30 s print no lines
         if self.seconds:
             fmt = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
             self.bar = tqdm(total=1000, desc=name, bar_format=fmt, dynamic_ncols=True, disable=not self.tty)
@@ -584,7 +585,7 @@ class Progress:
         else:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(step - self.bar.n)
-        if not self.tty and (elapsed - self.last_line >= 30 or self.fraction(step, elapsed) >= 1):
+        if not self.tty and (elapsed - self.last_line >= 30 or (self.last_line and self.fraction(step, elapsed) >= 1)):
             import sys
 
             self.last_line = elapsed

@@ -155,8 +155,10 @@ def run_teacher(run_dir: Path, config: dict[str, Any], teacher: Denoiser | None 
     if teacher is not None:
         return teacher
     info = config["teacher"]
-    if info.get("saved"):
+    if info.get("saved") and (run_dir / "teacher" / "config.json").is_file():
         return load_saved_teacher(run_dir / "teacher")
+    if info.get("saved") and not info.get("spec"):
+        raise FewstepError(f"run {run_dir} lost its copy of the teacher ({run_dir / 'teacher'}); pass teacher=...")
     if info.get("spec"):
         return load_teacher(info["spec"])
     raise FewstepError(f"run {run_dir} was trained on a teacher object that could not be saved; pass teacher=...")

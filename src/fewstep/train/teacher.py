@@ -70,7 +70,7 @@ def train_teacher(
     distill(
         model, "denoise", o.max_steps, out, data=data, overwrite=overwrite, seed=o.seed, batch=batch,
         minutes=o.minutes, ema_halflife_kimg=o.ema_halflife_kimg, ema_rampup=o.ema_rampup,
-        checkpoint_every=o.checkpoint_every, sample_every=o.checkpoint_every, sample_n=64,
+        checkpoint_every=o.checkpoint_every, sample_every=o.checkpoint_every, sample_n=64, log_every=10,
         lr=o.lr, betas=(0.9, 0.99), label_dropout=o.label_dropout, warmup_steps=o.warmup_steps,
         solver="heun", grid_steps=(35,),
     )  # fmt: skip
