@@ -261,3 +261,52 @@ def test_fsdp1_and_deepspeed_configurations_are_refused_before_anything_is_writt
     assert distill(teacher_dir, tmp_path / "run") == 2
     one_line_error(capsys, match)
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_optimizer_options_are_one_line_errors(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert distill(teacher_dir, out) == 0
+    before = (out / "student" / "model.safetensors").read_bytes()
+    assert distill(teacher_dir, out, "--overwrite", "--set", "lr=-1") == 2
+    one_line_error(capsys, "lr must be > 0")
+    assert (out / "student" / "model.safetensors").read_bytes() == before  # refused before the old run was touched
+
+
+def test_damaged_checkpoints_are_named_as_damaged(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert distill(teacher_dir, out, "--set", "checkpoint_every=2") == 0
+    for d in (out / "checkpoints").iterdir():
+        (d / "weights.safetensors").write_bytes(b"garbage")
+    capsys.readouterr()
+    with pytest.warns(UserWarning):
+        assert distill(teacher_dir, out, "--resume", "--max-steps", "6") == 2
+    one_line_error(capsys, "all 2 are damaged (newest step-00000004: weights.safetensors does not match its checksum")
+
+
+def test_a_run_folder_is_locked_while_a_process_trains_into_it(teacher_dir, tmp_path, capsys):
+    from fewstep.train.rundir import LOCK, RunLock
+
+    out = tmp_path / "run"
+    held = RunLock(out)
+    held.acquire()  # another process training into the folder
+    assert distill(teacher_dir, out) == 2
+    one_line_error(capsys, f"{out} is in use by another fewstep process (pid")
+    held.release()  # that process ended: its lock file stays, unlocked (as after a SIGKILL)
+    assert (out / LOCK).is_file()
+    assert distill(teacher_dir, out) == 0
+    assert distill(teacher_dir, out, "--resume", "--max-steps", "6") == 0
+
+
+def test_two_processes_started_at_once_into_one_folder(teacher_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fewstep", "distill", "--teacher", teacher_dir, "--method", "denoise", "--out",
+           str(out), "--data", "moons:500", "--max-steps", "300", "--batch", "8", *FAST]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for code, e in results if code == 2)
+    assert "in use by another fewstep process" in err or "already exists" in err

@@ -27,6 +27,7 @@ from fewstep.train.config import (
 )
 from fewstep.train.rundir import (
     RUN_FORMAT,
+    RunLock,
     check_out_dir,
     read_run_config,
     reset_out_dir,
@@ -218,8 +219,7 @@ def execute(plan: Plan, eval_hook=None) -> Method:
     holds the evaluation-EMA weights (in eval mode)."""
     from accelerate import PartialState
 
-    from fewstep.io import atomic_write_json
-    from fewstep.train.loop import check_run, train
+    from fewstep.train.loop import check_run
 
     # cpu= before accelerate's state exists: under an FSDP launch on a CPU machine, a state built
     # without it sees a single process
@@ -230,14 +230,47 @@ def execute(plan: Plan, eval_hook=None) -> Method:
     device = "cpu" if plan.cfg.cpu else state.device
     check_run(plan.cfg, method, data, state.num_processes, device)
     if plan.resume:
-        from fewstep.train.checkpoint import latest
+        from fewstep.train.checkpoint import latest, unusable
 
         if latest(plan.out / "checkpoints") is None:
-            raise FewstepError(f"--resume: {plan.out} has no usable checkpoint; start it again with --overwrite")
+            problem = unusable(plan.out / "checkpoints")
+            hint = "" if "damaged" in problem else "; start it again with --overwrite"
+            raise FewstepError(f"--resume: {plan.out} {problem}{hint}")
     config = plan.config()
     config["data"] = data_record(data)
     if plan.resume:  # keep what the run was made with; only the budget options may have changed
         config = {**read_run_config(plan.out), "train": config["train"]}
+    lock = take_lock(plan, state)
+    try:
+        return _write_and_train(plan, state, method, data, config, eval_hook)
+    finally:
+        lock.release()
+
+
+def take_lock(plan: Plan, state) -> RunLock:
+    """The main process locks the run folder (one-line error if another process trains into it)
+    and checks it again now that no other process can change it; every process learns the outcome."""
+    lock, problem = RunLock(plan.out), ""
+    if state.is_main_process:
+        try:
+            lock.acquire()
+            check_out_dir(plan.out, plan.resume, plan.overwrite)
+        except FewstepError as e:
+            lock.release()
+            problem = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise FewstepError(problem)
+    return lock
+
+
+def _write_and_train(plan: Plan, state, method: Method, data: Dataset | None, config: dict, eval_hook) -> Method:
+    from fewstep.io import atomic_write_json
+    from fewstep.train.loop import train
+
     state.wait_for_everyone()
     if state.is_main_process:
         if not plan.resume:
@@ -334,7 +367,7 @@ def load_sharded_eval_ema(method: Method, out: Path) -> dict[str, torch.Tensor]:
 
     found = ckpt.latest(out / "checkpoints")
     if found is None:
-        raise FewstepError(f"run {out} has no usable checkpoint; nothing to save as its student")
+        raise FewstepError(f"run {out} {ckpt.unusable(out / 'checkpoints')}; nothing to save as its student")
     student = method.networks()["student"]
     expected = student.state_dict()
     with safe_open(str(found.path / "weights.safetensors"), framework="pt") as f:
@@ -364,7 +397,9 @@ def load_checkpoint_into(method: Method, run_dir: Path, ema: bool = True, checkp
     else:
         found = ckpt.latest(run_dir / "checkpoints")
         if found is None:
-            raise FewstepError(f"run {run_dir} has no usable checkpoint yet; train it first (fewstep distill)")
+            problem = ckpt.unusable(run_dir / "checkpoints")
+            hint = "" if "damaged" in problem else "; train it first (fewstep distill)"
+            raise FewstepError(f"run {run_dir} {problem}{hint}")
     if found.meta.get("method") != method.name:
         raise FewstepError(
             f"checkpoint {found.path} belongs to method {found.meta.get('method')!r}, not {method.name!r}"

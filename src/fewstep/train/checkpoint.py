@@ -196,3 +196,13 @@ def latest(root: Path) -> Checkpoint | None:
             f"checkpoint {path} is unusable ({problem}); trying the previous one", CheckpointWarning, stacklevel=2
         )
     return None
+
+
+def unusable(root: Path) -> str:
+    """Why ``root`` holds no usable checkpoint, for an error message: none written yet, or every
+    one damaged (with what is wrong with the newest)."""
+    dirs = checkpoint_dirs(root)
+    if not dirs:
+        return "has no usable checkpoint yet (none written)"
+    return (f"has no usable checkpoint: all {len(dirs)} are damaged (newest {dirs[0].name}: {verify(dirs[0])}); "
+            "restore them from a copy, or start again with --overwrite")  # fmt: skip

@@ -82,6 +82,8 @@ def check_run(cfg: TrainConfig, method: Method, data: Dataset | None, world: int
         raise FewstepError(f"batch {cfg.batch} must divide by processes x grad_accum = {world * cfg.grad_accum}")
     if cfg.mixed_precision == "fp16" and torch.device(device).type != "cuda":
         raise FewstepError("mixed_precision fp16 needs a GPU; use bf16 on the CPU")
+    for spec in method.optimizers().values():
+        check_optimizer(spec)
     if getattr(method, "needs_data", False) and data is None:
         raise FewstepError(f"method {method.name!r} needs data; pass --data (e.g. digits)")
     if data is not None:
@@ -152,12 +154,23 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def check_optimizer(spec: OptimizerSpec) -> None:
+    """One-line error for optimizer settings torch would refuse with a traceback."""
+    b1, b2 = spec.betas
+    if not (spec.lr > 0 and 0 <= b1 < 1 and 0 <= b2 < 1 and spec.eps > 0 and spec.weight_decay >= 0):
+        raise FewstepError(
+            f"optimizer over {', '.join(spec.networks)}: lr must be > 0, betas in [0, 1), eps > 0 and weight_decay "
+            f">= 0; got lr={spec.lr}, betas={tuple(spec.betas)}, eps={spec.eps}, weight_decay={spec.weight_decay}"
+        )
+
+
 def make_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """The torch optimizer of ``spec``; Adam/AdamW use the fused kernel, which can skip a step
     on a device-side flag (``found_inf``) without a host synchronisation."""
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
     if spec.kind not in kinds:
         raise FewstepError(f"unknown optimizer kind {spec.kind!r}; use one of {', '.join(kinds)}")
+    check_optimizer(spec)
     kwargs = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay)
     if spec.kind in ("adam", "adamw"):
         try:
@@ -670,7 +683,7 @@ def restore(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, 
     """Load the newest intact checkpoint under ``root``; return its step."""
     found = ckpt.latest(root)
     if found is None:
-        raise FewstepError(f"no usable checkpoint in {root}; start the run again without --resume")
+        raise FewstepError(f"{root} {ckpt.unusable(root)}")
     meta = found.meta
     if meta.get("method") != method.name or list(meta.get("sample_shape", [])) != list(method.teacher.sample_shape):
         raise FewstepError(

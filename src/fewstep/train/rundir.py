@@ -7,6 +7,7 @@
     runs/x/student/           the final student (evaluation EMA): model.safetensors + config.json
     runs/x/teacher/           the teacher, when it was given as an object rather than a name
     runs/x/tensorboard/       TensorBoard events, when tensorboard is installed
+    runs/x/.lock              held (flock) by the process training into the folder
 
 An existing run directory is never overwritten: starting a run in a non-empty folder needs
 ``--resume`` (continue it) or ``--overwrite`` (delete it first; only a fewstep run folder).
@@ -52,7 +53,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to touch ``out`` unless the flags allow it (called before anything is written)."""
     if resume and overwrite:
         raise FewstepError("--resume and --overwrite contradict each other; pick one")
-    exists = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    exists = out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir()))
     if resume:
         if not is_run_dir(out):
             raise FewstepError(f"--resume: {out} is not a fewstep run directory; start a new run without --resume")
@@ -67,10 +68,55 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def reset_out_dir(out: Path) -> None:
-    """Delete an old run in ``out`` (checked by :func:`check_out_dir`) and create the folder."""
+    """Delete an old run in ``out`` (checked by :func:`check_out_dir`) and create the folder; the
+    lock file held by this process stays."""
     if out.exists() and is_run_dir(out):
-        shutil.rmtree(out)
+        for p in out.iterdir():
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder while one process trains into it: ``flock`` on
+    ``runs/x/.lock``. The kernel releases it when the process ends, however it ends, so a lock file
+    left by a killed process is stale by construction and the next process simply takes it."""
+
+    def __init__(self, out: Path) -> None:
+        self.path, self.fd = Path(out) / LOCK, None
+
+    def acquire(self) -> None:
+        """Take the lock, or a one-line :class:`FewstepError` naming the process that holds it."""
+        import fcntl
+        import os
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FewstepError(
+                f"{self.path.parent} is in use by another fewstep process ({holder}); wait for it to finish or "
+                "stop it, or pick another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        import fcntl
+        import os
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 # --- metrics ------------------------------------------------------------------------------------
