@@ -1,5 +1,6 @@
 """The shared fake-score block: a trainable teacher copy fitted by EDM-weighted DSM."""
 
+import pytest
 import torch
 
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, edm_weight, make_fake_score
@@ -62,3 +63,39 @@ def test_karras_sampler_range():
     assert (dm.lo, dm.hi) == (20, 980)
     s = dm(4000)
     assert s.min() >= full.sigmas[20] and s.max() <= full.sigmas[980]
+
+
+def _dropout_teacher():
+    from fewstep.teachers.native import build_model
+
+    net = {"resolution": 8, "channels": 8, "channel_mult": [1, 2], "blocks": 1, "attn_resolutions": [],
+           "num_classes": 2, "dropout": 0.5}  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model("unet", net, {"sample_shape": [1, 8, 8], "num_classes": 2})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("dmd", {"reg_weight": 0.0}), ("dmd2", {"gan": False}), ("sid", {}), ("diff_instruct", {})],
+)
+def test_generator_gradient_is_zero_at_initialisation_for_a_teacher_with_dropout(name, options):
+    """The fake score starts equal to the teacher, so the generator's gradient must be exactly zero
+    — also for a teacher trained with dropout, whose copies would add dropout noise in train mode
+    (the references: DMD2 builds every network with dropout 0, SiD puts psi in eval mode, Diff-Instruct
+    shares one dropout mask)."""
+    from fewstep.methods import Batch, get_method
+
+    cls = get_method(name)
+    method = cls(_dropout_teacher(), cls.Config(**options))
+    for net in method.networks().values():
+        net.train()  # as the engine trains them
+    torch.manual_seed(1)
+    loss = method.losses(Batch(size=16, labels=torch.arange(16) % 2), 1, {"student"})["student"]
+    grads = torch.autograd.grad(loss, [p for p in method.student.parameters() if p.requires_grad], allow_unused=True)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None))
+    assert norm < 1e-6, f"{name}: generator gradient {norm:.3g} at initialisation"
+    assert all(not n.training for n in (method.teacher,)) and method.fake_score.training  # modes restored

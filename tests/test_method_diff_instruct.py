@@ -52,7 +52,13 @@ def test_optimizers_step_at_the_configured_ratio(ratio):
     m = DI(teacher, DI.Config(fake_updates=ratio), student=GaussianGenerator([0.0, 0.0], 1.0))
     specs = m.optimizers()
     assert specs["fake_score"].betas == (0.0, 0.999) and specs["fake_score"].lr == 1e-5
-    assert run(m, 12, 4) == {"fake_score": 12, "student": 12 // ratio}
+    cycles, rest = divmod(12, ratio + 1)
+    assert run(m, 12, 4) == {"fake_score": cycles * ratio + min(rest, ratio), "student": cycles}
+    # the reference's order: ratio fake-score steps, then a generator step that sees their result
+    # (never both in one iteration, where the generator would use the fake score before its update)
+    specs = m.optimizers()
+    due = ["".join(k[0] for k, s in specs.items() if s.due(i)) for i in range(2 * (ratio + 1))]
+    assert due == (["f"] * ratio + ["s"]) * 2
     assert m.losses(Batch(size=4), 0, set()) == {}
 
 

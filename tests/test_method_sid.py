@@ -85,7 +85,13 @@ def test_teacher_and_fake_score_get_no_gradient_from_the_generator_and_vice_vers
 def test_optimizers_step_at_the_configured_ratio(ratio):
     m = SiD(gaussian_teacher(), SiD.Config(fake_updates=ratio), student=GaussianGenerator([0.0, 0.0], 1.0))
     assert m.optimizers()["student"].betas == (0.0, 0.999)
-    assert run(m, 12, 4) == {"fake_score": 12, "student": 12 // ratio}
+    cycles, rest = divmod(12, ratio + 1)
+    assert run(m, 12, 4) == {"fake_score": cycles * ratio + min(rest, ratio), "student": cycles}
+    # the reference's order: ratio fake-score steps, then a generator step that sees their result
+    # (never both in one iteration, where the generator would use the fake score before its update)
+    specs = m.optimizers()
+    due = ["".join(k[0] for k, s in specs.items() if s.due(i)) for i in range(2 * (ratio + 1))]
+    assert due == (["f"] * ratio + ["s"]) * 2
 
 
 def test_short_run_moves_the_generator_onto_the_teacher():

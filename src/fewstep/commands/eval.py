@@ -68,7 +68,7 @@ def run(args) -> int:
     settings.check()
     for s in settings.baseline_solvers:
         get_solver(s)
-    subject = resolve(args.target, args.steps)
+    subject = resolve(args.target, args.steps, args.weights)
     if subject.run_dir is None and args.out is None:
         raise FewstepError(f"{args.target} is a model, not a run directory; say where the report goes with --out DIR")
     out = Path(args.out) if args.out else subject.run_dir
@@ -85,5 +85,11 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="report folder (default: the run directory)")
     p.add_argument("--steps", type=int_list, default=None,
                    help="student steps to measure (default: the method's own, of 1,2,4)")  # fmt: skip
+    p.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default="ema",
+        help="a run's student: its evaluation EMA (what the run saves) or the raw trained weights",
+    )
     add_protocol_args(p)
     p.set_defaults(func=run)

@@ -48,11 +48,26 @@ class Subject:
     students: list[Sampler] = field(default_factory=list)
     cost: dict = field(default_factory=dict)
     data: Any = None  # what a run trained on (DataSpec or Dataset); None: the teacher's own
+    weights: str | None = None  # which student weights are scored (a run's evaluation EMA or raw)
 
 
-def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None) -> Subject:
-    """A run directory (loads its evaluation-EMA student) or a model spec. ``student_steps``
-    defaults to the method's own ``default_steps`` up to 4 (1, 2, 4 for multi-step students)."""
+def describe_weights(train: dict, weights: str) -> str:
+    """How a run's scored weights came about, for the report."""
+    if weights == "raw":
+        return "the raw trained weights (`--weights raw`)"
+    half, ramp, decay = train.get("ema_halflife_kimg"), train.get("ema_rampup"), train.get("ema_decay", 0.999)
+    if half is None and (decay == 0 or decay is None):
+        return "the raw trained weights (this run keeps no EMA: ema_decay 0)"
+    what = f"half-life {half:g} kimg" if half is not None else f"decay {decay:g}"
+    return f"the evaluation EMA ({what}" + (f", ramp-up {ramp:g}" if ramp else ", no ramp-up") + ")"
+
+
+def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None, weights: str = "ema") -> Subject:
+    """A run directory (its evaluation-EMA student, or the raw trained weights with
+    ``weights="raw"``) or a model spec. ``student_steps`` defaults to the method's own
+    ``default_steps`` up to 4 (1, 2, 4 for multi-step students)."""
+    if weights not in ("ema", "raw"):
+        raise FewstepError(f"--weights must be ema or raw, got {weights!r}")
     from fewstep.teachers import load_teacher
     from fewstep.train.rundir import is_run_dir
 
@@ -62,15 +77,17 @@ def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None) -> S
         from fewstep.train import load_run
         from fewstep.train.api import run_data
 
-        method = load_run(path)
+        method = load_run(path, ema=weights == "ema")
         cfg = method.run["config"]
         data = run_data(path, cfg)
         teacher_spec = cfg["teacher"].get("spec") or f"{path}/teacher"
         if student_steps is None:
             student_steps = tuple(k for k in getattr(method, "default_steps", (1, 2, 4)) if k <= 4) or (1,)
         students = [student_sampler(method, k, f"{method.name}") for k in student_steps]
-        return Subject(f"{method.name} run {path.name}", method.teacher, teacher_spec, method, path, students,
-                       run_cost(path), data)  # fmt: skip
+        subject = Subject(f"{method.name} run {path.name}", method.teacher, teacher_spec, method, path, students,
+                          run_cost(path), data)  # fmt: skip
+        subject.weights = describe_weights(cfg["train"], weights)
+        return subject
     if path.is_dir() and (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
         if cfg.get("format") == "fewstep-student":
@@ -118,6 +135,7 @@ def evaluate(
         "floor": floor,
         "speed": speeds,
         "cost": subject.cost,
+        "weights": subject.weights,
         "eval_minutes": None,
     }
     progress("drawing pictures")
@@ -189,6 +207,8 @@ def render(results: dict) -> str:
         f"- machine: {results['machine']}; date: {results['date']}; evaluation took {results['eval_minutes']} min",
         f"- command: `{results['command']}`",
     ]  # fmt: skip
+    if results.get("weights"):
+        lines.append(f"- student weights scored: {results['weights']}")
     cost = results.get("cost") or {}
     if cost.get("minutes") is not None:
         lines.append(f"- distillation: {cost['minutes']:.1f} min, {cost['steps']} iterations"

@@ -26,6 +26,8 @@ fake score exactly and check distribution-matching gradients against closed form
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +79,40 @@ def dsm_loss(fake: Denoiser, x0: Tensor, cond: Any, sigma: Tensor, noise: Tensor
     return (edm_weight(sigma, fake.sigma_data) * err).mean()
 
 
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """``modules`` in eval mode (dropout off) inside the block, their own modes restored after.
+    SiD's loop puts the fake score in eval mode for the generator step and the generator in eval
+    mode while it makes the fake score's training samples (sid_training_loop.py)."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+
+
+def shared_dropout(real: nn.Module, fake: nn.Module, x_t: Tensor, sigma: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
+    """``(real(x_t), fake(x_t))`` with both networks in train mode and one dropout mask: the RNG
+    state is saved before the real score and restored before the fake score, so a fake score equal
+    to the teacher predicts exactly what it does (Diff-Instruct's ``di_loss.py``, which does this
+    with the CUDA RNG). Modes are restored after."""
+    device = x_t.device
+    with eval_mode(real, fake):  # restores both modes on exit
+        real.train()
+        fake.train()
+        cpu_state = torch.get_rng_state()
+        dev_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        out_real = real(x_t, sigma, cond)
+        torch.set_rng_state(cpu_state)
+        if dev_state is not None:
+            torch.cuda.set_rng_state(dev_state, device)
+        out_fake = fake(x_t, sigma, cond)
+    return out_real, out_fake
+
+
 @dataclass
 class KarrasSigmaSampler:
     """Noise levels drawn uniformly over the indices of an ascending Karras grid (rho = 7).
@@ -104,4 +140,4 @@ class KarrasSigmaSampler:
         return self.sigmas[idx].to(device)
 
 
-__all__ = ["KarrasSigmaSampler", "dsm_loss", "edm_weight", "make_fake_score"]
+__all__ = ["KarrasSigmaSampler", "dsm_loss", "edm_weight", "eval_mode", "make_fake_score", "shared_dropout"]

@@ -48,7 +48,9 @@ class OptimizerSpec:
     """An optimizer over some of the method's networks.
 
     ``every``/``offset``: the optimizer steps on iterations ``i`` with ``i % every == offset``
-    (DMD2's 5:1 two-time-scale rule is ``every=5`` on the generator). ``kind`` is ``adam``,
+    (DMD2's 5:1 two-time-scale rule is ``every=5`` on the generator); ``offset`` may be a tuple of
+    offsets (SiD's fake score steps on iterations 0..k-1 of each cycle of k + 1, its generator on the
+    last, so the generator sees the fake score after its update). ``kind`` is ``adam``,
     ``adamw`` or ``radam``; ``grad_clip`` is a max global norm or ``None``. ``lr_schedule`` (optional)
     maps the optimizer's own step count ``k`` (0, 1, ...) to a multiplier of ``lr`` (e.g. a warm-up);
     it must be a pure function of ``k`` so that resuming a run reproduces it exactly.
@@ -61,12 +63,20 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     kind: str = "adam"
     every: int = 1
-    offset: int = 0
+    offset: int | tuple[int, ...] = 0
     grad_clip: float | None = None
     lr_schedule: Callable[[int], float] | None = None
 
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return (self.offset,) if isinstance(self.offset, int) else tuple(self.offset)
+
     def due(self, iteration: int) -> bool:
-        return iteration % self.every == self.offset
+        return iteration % self.every in self.offsets
+
+    def steps_before(self, iteration: int) -> int:
+        """How many times this optimizer stepped before ``iteration`` (its lr schedule's input)."""
+        return sum(0 if iteration <= o else (iteration - o - 1) // self.every + 1 for o in self.offsets)
 
 
 @dataclass
@@ -96,6 +106,9 @@ class Method:
     needs_data: ClassVar[bool] = False
     Config: ClassVar[type] = object
     default_steps: ClassVar[tuple[int, ...]] = (1, 2, 4)
+    # engine options of the method's reference (e.g. its evaluation EMA), used by new runs where the
+    # user gives none of the same group (``{"ema_decay": 0.0}``: the reference scores raw weights)
+    engine_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, teacher: Denoiser, config: Any = None) -> None:
         self.teacher = teacher.eval().requires_grad_(False)

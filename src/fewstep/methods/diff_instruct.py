@@ -17,10 +17,14 @@ Defaults follow the official code (pkulwj1994/diff_instruct: ``di_train.py``,
 ``training/di_loss.py``, README command): generator ``G(z) = D_theta(sigma_init z, sigma_init)``
 initialised from the teacher with ``init_sigma = 1.0``; Adam with betas (0, 0.999) and lr 1e-5 for
 both networks; ``ln sigma ~ N(-1.2, 1.2^2)`` for both losses; EDM-weighted DSM for psi; data-free.
+Checked against ``di_loss.py`` / ``di_training_loop.py``: in the generator loss the teacher and
+psi both run in train mode with one shared dropout mask (the RNG state is restored between the two
+calls), under no-grad; psi trains in train mode on samples of G taken in eval mode under no-grad;
+psi steps before G in each round; the evaluated network is the EMA of G.
 
 Deviations: generator labels are drawn uniformly (the reference reads them from the data set);
-the reference evaluates an EMA of G (half-life 500 kimg), which is the engine's evaluation EMA here;
-DSM is averaged over pixels (the reference sums them) — only the scale seen by Adam changes.
+the reference evaluates an EMA of G (half-life 500 kimg, ramp-up 0.05), which is the engine's
+evaluation EMA here with the same settings (``engine_defaults``); DSM is averaged over pixels (the reference sums them) — only the scale seen by Adam changes.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.methods import register
-from fewstep.methods._fake_score import dsm_loss, make_fake_score
+from fewstep.methods._fake_score import dsm_loss, eval_mode, make_fake_score, shared_dropout
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.methods.progressive import set_dropout
 from fewstep.schedules import sample_lognormal
@@ -65,6 +69,8 @@ class DiffInstruct(Method):
     needs_data = False
     Config = DiffInstructConfig
     default_steps = (1,)
+    # di_training_loop.py: Gema with ema_halflife_kimg 500 (di_train.py --ema 0.5), ema_rampup_ratio 0.05
+    engine_defaults = {"ema_halflife_kimg": 500.0, "ema_rampup": 0.05}
 
     def __init__(self, teacher: Denoiser, config: DiffInstructConfig | None = None, student: nn.Module | None = None):
         super().__init__(teacher, config)
@@ -84,8 +90,11 @@ class DiffInstruct(Method):
     def optimizers(self) -> dict[str, OptimizerSpec]:
         c, k = self.config, self.config.fake_updates
         return {
-            "fake_score": OptimizerSpec(["fake_score"], lr=c.fake_lr, betas=c.betas, grad_clip=c.grad_clip),
-            "student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k, offset=k - 1, grad_clip=c.grad_clip),
+            # k fake-score steps, then a generator step that sees the updated fake score (the reference's order)
+            "fake_score": OptimizerSpec(
+                ["fake_score"], lr=c.fake_lr, betas=c.betas, every=k + 1, offset=tuple(range(k)), grad_clip=c.grad_clip
+            ),
+            "student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k + 1, offset=k, grad_clip=c.grad_clip),
         }
 
     # --- maths ---------------------------------------------------------------------------------
@@ -106,14 +115,16 @@ class DiffInstruct(Method):
         sigma = self._sigma(x.shape[0], x.device)
         with torch.no_grad():  # both scores are constants in the gradient
             x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-            direction = self.fake_score(x_t, sigma, cond) - self.real_score(x_t, sigma, cond)
+            # di_loss.py: teacher and psi in train mode with one shared dropout mask
+            real, fake = shared_dropout(self.real_score, self.fake_score, x_t, sigma, cond)
+            direction = fake - real
         return (direction * x).flatten(1).sum(1).mean()
 
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if "fake_score" in due:  # Algorithm 1, fake-score step: DSM on sg(G(z))
             z, cond = self._noise_and_labels(batch)
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.student):  # di_training_loop.py samples with G.eval()
                 x = self.student(z, cond)
             out["fake_score"] = dsm_loss(self.fake_score, x, cond, self._sigma(x.shape[0], x.device))
         if "student" in due:  # Algorithm 1, generator step

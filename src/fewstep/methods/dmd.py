@@ -25,7 +25,10 @@ EDM models in the paper; text-to-image used 3.
 Deviations: the regression distance is L2 (or L1) in pixel space, not LPIPS — LPIPS needs
 downloaded VGG/AlexNet weights, and it would also leak into a feature-based FID; the fake-score
 loss uses EDM weighting and the full 1000-point Karras grid (DMD2's EDM code) where the paper
-writes an unweighted denoising loss; generator labels are uniform over classes.
+writes an unweighted denoising loss; generator labels are uniform over classes. The paper has no
+official code: the fake score runs in eval mode (no dropout) when it serves as a score estimate in
+the generator's gradient, as the frozen teacher does, so a fake score equal to the teacher gives a
+zero gradient (DMD2's code reaches the same by building every network with dropout 0).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.methods import register
-from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
+from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, eval_mode, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.methods.kd import LOSSES, regression_loss
 from fewstep.methods.progressive import set_dropout
@@ -134,7 +137,8 @@ class DMD(Method):
         sigma = self.dm_sigma(x.shape[0], x.device) if sigma is None else sigma
         x_t = x + append_dims(sigma, x.ndim) * (torch.randn_like(x) if noise is None else noise)
         mu_real = self.real_score(x_t, sigma, cond)
-        mu_fake = self.fake_score(x_t, sigma, cond)
+        with eval_mode(self.fake_score):  # a score estimate, as the frozen teacher's: no dropout noise
+            mu_fake = self.fake_score(x_t, sigma, cond)
         weight = (x - mu_real).abs().flatten(1).mean(1)  # (B,) Eq. 8's ||mu_base - x||_1 / (C S)
         return torch.nan_to_num((mu_fake - mu_real) / append_dims(weight, x.ndim))
 

@@ -24,7 +24,11 @@ weight decay 0.01, grad-norm clip 10, a 500-iteration linear warm-up for both ne
 generator input ``80 z`` at sigma 80; DM level uniform over Karras-grid indices [20, 980]; DSM
 level uniform over all 1000, EDM weight ``1/sigma^2 + 1/sd^2``; GAN on (diffusion-GAN) noise levels
 over all 1000 indices, generator GAN weight 3e-3, classifier weight 1e-2; real score without
-guidance (``guidance`` sets a CFG scale, as the text-to-image models use).
+guidance (``guidance`` sets a CFG scale, as the text-to-image models use). Checked against
+``edm_network.py``, ``edm_unified_model.py``, ``train_edm.py`` and ``test_folder_edm.py``: every
+network is built with dropout 0 (so train or eval mode changes nothing); the generator steps
+before the fake score in an iteration; no EMA anywhere — the raw generator is what is evaluated
+(``engine_defaults``: ``ema_decay`` 0).
 
 Deviations: the classifier head (the reference's ``cls_pred_branch``: conv 4x4/2, conv to 1x1, 1x1
 conv to a logit) is sized to fewstep's UNet bottleneck, read through
@@ -61,7 +65,7 @@ class DMD2Config:
     betas: tuple[float, float] = (0.9, 0.999)  # train_edm.py: AdamW defaults
     weight_decay: float = 0.01
     grad_clip: float | None = 10.0  # --max_grad_norm
-    dropout: float | None = None  # dropout of G and psi; None keeps the teacher's (as the reference)
+    dropout: float | None = 0.0  # of G and psi; edm_network.py builds every network with dropout 0
     warmup: int = 500  # --warmup_step: linear lr warm-up over this many iterations (both networks)
     fake_updates: int = 5  # --dfake_gen_update_ratio
     dm_lo: float = 0.02  # --min_step_percent / --max_step_percent of the Karras grid
@@ -111,6 +115,7 @@ class DMD2(Method):
     needs_data = True  # real images for the GAN; a gan=False run is data-free
     Config = DMD2Config
     default_steps = (1,)
+    engine_defaults = {"ema_decay": 0.0}  # test_folder_edm.py scores the raw generator (no EMA anywhere)
 
     def __init__(self, teacher: Denoiser, config: DMD2Config | None = None, student: nn.Module | None = None):
         super().__init__(teacher, config)

@@ -20,9 +20,14 @@ teacher; G is fed ``sigma_init z`` at ``sigma_init = 2.5``; the generator's nois
 ``t ~ U[0, tmax/1000]``, ``tmax = 800`` (a continuous position on the Karras ramp, rho = 7); psi is
 trained with EDM's loss (``ln sigma ~ N(-1.2, 1.2^2)``, weight ``(sigma^2 + sd^2)/(sigma sd)^2``);
 one psi step then one G step per iteration; Adam, betas (0, 0.999), lr 1e-5 for both; data-free.
+Checked against ``sid_training_loop.py``: the teacher is always in eval mode; psi trains in train
+mode, then is switched to eval mode (and frozen) for the generator loss, so a psi equal to the
+teacher gives a zero generator gradient; psi's samples come from G in eval mode; G trains in
+train mode; the evaluated network is G's EMA.
 
 Deviations: generator labels are drawn uniformly (the reference reads them from the data set); the
-reference evaluates an EMA of G, which is the engine's evaluation EMA here; losses are averaged
+reference evaluates an EMA of G (half-life 500 kimg, ramp-up 0.05), which is the engine's evaluation
+EMA here with the same settings (``engine_defaults``); losses are averaged
 over pixels for psi (the reference sums) — only the scale seen by Adam changes.
 """
 
@@ -38,7 +43,7 @@ from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.methods import register
-from fewstep.methods._fake_score import dsm_loss, make_fake_score
+from fewstep.methods._fake_score import dsm_loss, eval_mode, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.methods.progressive import set_dropout
 from fewstep.networks.discriminator import no_param_grad
@@ -90,6 +95,8 @@ class SiD(Method):
     needs_data = False
     Config = SiDConfig
     default_steps = (1,)
+    # sid_training_loop.py: G_ema with ema_halflife_kimg 500 (sid_train.py --ema 0.5), ema_rampup_ratio 0.05
+    engine_defaults = {"ema_halflife_kimg": 500.0, "ema_rampup": 0.05}
 
     def __init__(self, teacher: Denoiser, config: SiDConfig | None = None, student: nn.Module | None = None):
         super().__init__(teacher, config)
@@ -108,8 +115,11 @@ class SiD(Method):
     def optimizers(self) -> dict[str, OptimizerSpec]:
         c, k = self.config, self.config.fake_updates
         return {
-            "fake_score": OptimizerSpec(["fake_score"], lr=c.fake_lr, betas=c.betas, grad_clip=c.grad_clip),
-            "student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k, offset=k - 1, grad_clip=c.grad_clip),
+            # k fake-score steps, then a generator step that sees the updated fake score (the reference's order)
+            "fake_score": OptimizerSpec(
+                ["fake_score"], lr=c.fake_lr, betas=c.betas, every=k + 1, offset=tuple(range(k)), grad_clip=c.grad_clip
+            ),
+            "student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k + 1, offset=k, grad_clip=c.grad_clip),
         }
 
     def _noise_and_labels(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
@@ -125,7 +135,7 @@ class SiD(Method):
         c, t = self.config, self.teacher
         sigma = sid_sigma(x_g.shape[0], c.tmax, t.sigma_min, t.sigma_max, c.rho).to(x_g)
         x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
-        with no_param_grad(self.fake_score):  # the reference freezes psi for the G step
+        with no_param_grad(self.fake_score), eval_mode(self.fake_score):  # the reference: psi.eval(), frozen
             f_fake = self.fake_score(x_t, sigma, cond)
         f_real = self.real_score(x_t, sigma, cond)
         return sid_generator_loss(x_g, f_real, f_fake, c.alpha)
@@ -134,7 +144,7 @@ class SiD(Method):
         out: dict[str, Tensor] = {}
         if "fake_score" in due:  # Algorithm 1, psi step: EDM-weighted DSM on sg(G(z))
             z, cond = self._noise_and_labels(batch)
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.student):  # the reference samples with G.eval()
                 x = self.student(z, cond)
             sigma = sample_lognormal(x.shape[0], self.config.p_mean, self.config.p_std).to(x)
             out["fake_score"] = dsm_loss(self.fake_score, x, cond, sigma)

@@ -15,6 +15,8 @@ from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
 from fewstep.train.config import (
+    EMA_KEYS,
+    NEW_RUN_DEFAULTS,
     RESUMABLE,
     Sources,
     TrainConfig,
@@ -104,6 +106,8 @@ def plan_run(
         engine_opts["teacher"] = engine_opts.get("teacher") or ""
     elif not resume and not engine_opts.get("teacher"):
         raise FewstepError("give a teacher (--teacher builtin:digits, analytic:gaussians8 or a model folder)")
+    if not resume:
+        engine_opts = with_new_run_defaults(engine_opts, method_cls)
     cfg = build_train_config(engine_opts)
     options = build(method_cls.Config, method_opts, f"method {method_cls.name}")
     if cfg.teacher and not resume:
@@ -116,6 +120,17 @@ def plan_run(
     if teacher is None:
         teacher = _resume_teacher(out) if resume else load_teacher(cfg.teacher)
     return Plan(out, cfg, method_cls, options, teacher, teacher_obj, data, resume, overwrite)
+
+
+def with_new_run_defaults(engine: dict[str, Any], method_cls: type[Method]) -> dict[str, Any]:
+    """``engine`` completed with :data:`~fewstep.train.config.NEW_RUN_DEFAULTS` and the method's
+    ``engine_defaults`` (its EMA defaults only when the user set no EMA option)."""
+    out = dict(engine)
+    for key, value in {**NEW_RUN_DEFAULTS, **method_cls.engine_defaults}.items():
+        user_ema = key in EMA_KEYS and any(k in engine for k in EMA_KEYS)
+        if key not in engine and not user_ema:
+            out[key] = value
+    return out
 
 
 def absolute_spec(spec: str) -> str:

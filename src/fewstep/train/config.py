@@ -29,6 +29,11 @@ from fewstep.errors import FewstepError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
+# Engine defaults of every new run that differ from the dataclass's (which keep older runs' meaning
+# when they are resumed): the evaluation EMA ramps up as EDM's does.
+NEW_RUN_DEFAULTS = {"ema_rampup": 0.05}
+EMA_KEYS = ("ema_decay", "ema_halflife_kimg")
+
 # Options a `--resume` may change: they steer the budget and bookkeeping, never the maths.
 RESUMABLE = frozenset(
     {"max_steps", "minutes", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_n",
@@ -57,8 +62,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's autocast; weights stay float32)
     cpu: bool = False  # force the CPU even when a GPU is present
     ema_decay: float = 0.999
-    # EDM's evaluation EMA instead of a fixed decay: a half-life in thousands of images, never longer
-    # than ema_rampup x the images seen so far (Karras et al. 2022, training_loop.py; EDM uses 500 and 0.05)
+    # EDM's evaluation EMA: a half-life in thousands of images (instead of ema_decay), and a ramp-up
+    # that keeps the half-life under ema_rampup x the images seen (Karras et al. 2022; EDM: 500, 0.05).
+    # New runs get ema_rampup 0.05 and their method's EMA defaults (NEW_RUN_DEFAULTS, Method.engine_defaults)
     ema_halflife_kimg: float | None = None
     ema_rampup: float | None = None
     checkpoint_every: int = 500
@@ -70,12 +76,17 @@ class TrainConfig:
     max_nonfinite: int = 20  # this many non-finite iterations in a row stop the run
 
     def eval_ema_decay(self, step: int) -> float:
-        """The evaluation EMA's decay at iteration ``step`` (0-based): ``ema_decay``, or EDM's
-        ``0.5 ** (batch / halflife)`` with ``halflife = min(ema_halflife_kimg * 1000, ema_rampup *
-        images seen)`` when either is set (a pure function of the step, so resumes are exact)."""
-        if self.ema_halflife_kimg is None and self.ema_rampup is None:
+        """The evaluation EMA's decay at iteration ``step`` (0-based), EDM's rule (Karras et al.
+        2022, ``training_loop.py``): ``0.5 ** (batch / h)`` with the half-life ``h`` in images —
+        ``ema_halflife_kimg * 1000``, or the one of a fixed ``ema_decay`` — capped at
+        ``ema_rampup x images seen``. ``ema_decay = 0`` (no halflife) is no EMA at all; without a
+        ramp-up a fixed ``ema_decay`` is used as it is. A pure function of the step, so resumes are exact."""
+        if self.ema_halflife_kimg is not None:
+            half = self.ema_halflife_kimg * 1000
+        elif self.ema_decay == 0.0 or self.ema_rampup is None:
             return self.ema_decay
-        half = self.ema_halflife_kimg * 1000 if self.ema_halflife_kimg is not None else math.inf
+        else:
+            half = self.batch * math.log(0.5) / math.log(self.ema_decay)
         if self.ema_rampup is not None:
             half = min(half, (step + 1) * self.batch * self.ema_rampup)
         return 0.5 ** (self.batch / max(half, 1e-8))

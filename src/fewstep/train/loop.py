@@ -182,7 +182,7 @@ def make_optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.opt
 
 def steps_taken(spec: OptimizerSpec, iteration: int) -> int:
     """How many times ``spec`` stepped before ``iteration`` (its learning-rate schedule's input)."""
-    return 0 if iteration <= spec.offset else (iteration - spec.offset - 1) // spec.every + 1
+    return spec.steps_before(iteration)
 
 
 @dataclass
@@ -214,7 +214,7 @@ def prepare(method: Method, device: torch.device | str) -> Setup:
             if net in owner:
                 raise FewstepError(f"method {method.name!r}: network {net!r} is in two optimizers")
             owner[net] = opt_name
-        if spec.every < 1 or not 0 <= spec.offset < spec.every:
+        if spec.every < 1 or not spec.offsets or not all(0 <= o < spec.every for o in spec.offsets):
             raise FewstepError(
                 f"method {method.name!r}: optimizer {opt_name!r} needs every >= 1 and 0 <= offset < every"
             )
