@@ -24,7 +24,8 @@ psi steps before G in each round; the evaluated network is the EMA of G.
 
 Deviations: generator labels are drawn uniformly (the reference reads them from the data set);
 the reference evaluates an EMA of G (half-life 500 kimg, ramp-up 0.05), which is the engine's
-evaluation EMA here with the same settings (``engine_defaults``); DSM is averaged over pixels (the reference sums them) — only the scale seen by Adam changes.
+evaluation EMA here with the same settings (``engine_defaults``); DSM is averaged over pixels
+(the reference sums them) — only the scale seen by Adam changes.
 """
 
 from __future__ import annotations
