@@ -7,7 +7,8 @@
 #   bash bench/digits_methods.sh runs/b12 sid cd tract &  bash bench/digits_methods.sh runs/b12 kd dmd2 &
 #   wait; fewstep bench --runs runs/b12/sid,runs/b12/cd,... --out docs/bench-digits
 #
-# Fields: run name, method, minutes, iteration cap, batch, evaluation-EMA decay, method options.
+# Fields: run name, method, minutes, iteration cap, batch, evaluation-EMA decay ("ref": the method's
+# reference EMA with EDM's ramp-up, the engine's default for new runs), method options.
 # Iteration caps schedule the multi-round methods (rounds/phases are scheduled by iteration).
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
@@ -32,6 +33,11 @@ progressive64  progressive    14 5400   64 0     start_steps=64 steps_per_round=
 guided         guided         10 3000   64 0     start_steps=32 steps_per_round=500 stage_one_steps=500 lr=3e-4 lr_anneal=true
 ctm            ctm            12 100000 64 0.999
 ctm_adaptive   ctm            12 100000 64 0.999 dsm_adaptive=true
+sid_ref        sid            12 100000 32 ref   lr=1e-4 fake_lr=1e-4
+dmd2_ref       dmd2           12 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03
+diff_instruct_ref diff_instruct 12 100000 32 ref lr=1e-4 fake_lr=1e-4
+dmd_ref        dmd            12 100000 32 ref   lr=1e-4 fake_lr=1e-4
+ctm_ref        ctm            12 100000 64 ref
 add            add            12 100000 64 0.999 lr=1e-4 d_lr=1e-4 distill_weight=10
 add_tuned      add            12 100000 64 0     lr=1e-4 d_lr=1e-3 distill_weight=10
 add_d3_ema     add            12 100000 64 0.999 lr=1e-4 d_lr=1e-3 distill_weight=10
@@ -49,6 +55,6 @@ for want in "$@"; do
   sets=(); for kv in $opts; do sets+=(--set "$kv"); done
   $FEWSTEP distill --teacher builtin:digits --method "$method" --out "$ROOT/$name" --overwrite \
     --minutes "$minutes" --max-steps "$steps" --batch "$batch" --checkpoint-every 100000 \
-    --set ema_decay="$ema" "${sets[@]}"
+    $( [ "$ema" = ref ] || echo --set ema_decay="$ema" ) "${sets[@]}"
   $FEWSTEP eval "$ROOT/$name" ${EVAL_ARGS:-}
 done

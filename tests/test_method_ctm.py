@@ -237,3 +237,41 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer():
     w = method._adaptive_weight(3.0 * last.sum(), 0.5 * last.sum(), 0.0, 1e4)
     assert torch.allclose(w, torch.tensor(6.0), rtol=1e-3)
     assert method._adaptive_weight(3.0 * last.sum(), 0.01 * last.sum(), 0.01, 10.0) == 10.0  # clamped
+
+
+def test_the_targets_inner_jump_is_the_online_student_and_the_outer_the_ema():
+    """The reference's ``ctm_target_inner_type = 'model_sg'``: G_sg(sg[G_theta](x_u, u, s), s, eps).
+    With the target's weights apart from the student's, the target matches that closed composition
+    and not the all-EMA one (``target_inner = "ema"``)."""
+    gm = gaussian(0.5)
+    method = CTM(gm, CTMConfig(), student=ExactFlowMap(gm, power=1.3))
+    method.target = ExactFlowMap(gm, power=0.7)  # theta^- != theta
+    x = torch.randn(6, 2, dtype=torch.float64)
+    u, s = torch.full((6,), 5.0, dtype=torch.float64), torch.full((6,), 0.5, dtype=torch.float64)
+    eps = torch.full((6,), 0.002, dtype=torch.float64)
+    want = method.target(method.student(x, u, s), s, eps)
+    assert torch.allclose(method.ctm_target(x, u, s, eps, None), want)
+    all_ema = method.target(method.target(x, u, s), s, eps)
+    assert not torch.allclose(want, all_ema)
+    method.config.target_inner = "ema"
+    assert torch.allclose(method.ctm_target(x, u, s, eps, None), all_ema)
+
+
+def test_dsm_levels_are_half_lognormal_half_uniform_on_the_karras_ramp():
+    gm = gaussian(0.5)
+    method = CTM(gm, CTMConfig(), student=ExactFlowMap(gm))
+    torch.manual_seed(0)
+    sigma = method.dsm_sigma(20000, "cpu")
+    lognormal, ramp = sigma[:10000].log(), sigma[10000:]
+    assert abs(float(lognormal.mean()) + 1.2) < 0.05 and abs(float(lognormal.std()) - 1.2) < 0.05
+    lo = (80.0 ** (1 / 7) + 0.7 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7  # r = 0.7 on the ramp
+    assert float(ramp.min()) >= lo - 1e-6 and float(ramp.max()) <= 80.0 and float(ramp.max()) > 60.0
+    # uniform in r = (sigma_max^(1/7) - sigma^(1/7)) / (sigma_max^(1/7) - sigma_min^(1/7)) on [0, 0.7)
+    r = (80.0 ** (1 / 7) - ramp ** (1 / 7)) / (80.0 ** (1 / 7) - 0.002 ** (1 / 7))
+    assert abs(float(r.mean()) - 0.35) < 0.01
+    method.config.dsm_sampler = "lognormal"
+    assert abs(float(method.dsm_sigma(20000, "cpu").log().mean()) + 1.2) < 0.05
+
+
+def test_dsm_term_is_weighted_adaptively_by_default():
+    assert CTMConfig().dsm_adaptive and CTMConfig().target_inner == "student"

@@ -5,17 +5,25 @@ A flow-map student ``G_theta(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta(x_t, t, 
 :class:`fewstep.students.FlowMapStudent`) jumps along the teacher's PF-ODE from any ``t`` to any
 ``s <= t``. Its loss (Eq. 9–11, reference code ``ctm_losses``):
 
-    L_CTM = d( G_sg(G_theta(x_t, t, s), s, eps),  G_sg(G_sg(Solver_phi(x_t, t -> u), u, s), s, eps) )
+    L_CTM = d( G_sg(G_theta(x_t, t, s), s, eps),  G_sg(sg[G_theta](Solver_phi(x_t, t -> u), u, s), s, eps) )
     L_DSM = E_sigma lambda(sigma) || g_theta(x0 + sigma z, sigma, sigma) - x0 ||^2
     L     = L_CTM + lambda_DSM L_DSM  [+ lambda_GAN L_GAN]
 
 ``G_sg`` is the EMA target network ``theta^-`` (stop-gradient weights; gradients still flow through
-its input on the student side); ``eps = sigma_min`` (the paper's "0"). Times live on the
+its input on the student side); the target's inner jump ``u -> s`` is the *online* student under
+no-grad (``sg[G_theta]``, the reference's default ``ctm_target_inner_type = 'model_sg'``), its
+outer jump to ``eps`` the EMA; ``eps = sigma_min`` (the paper's "0"). Times live on the
 N-point Karras grid (rho = 7; index 0 = sigma_max): per batch, the number of teacher Heun steps is
 ``n`` with ``p(n) ∝ n`` on ``1..n_max`` (``heun_step_strategy = weighted``); per sample, ``t`` is
 uniform on indices ``[0, N-1-n]``, ``u = t + n`` and ``s`` uniform on ``[u, N-1]``.
-``Solver_phi`` is ``n`` Heun steps of the teacher along the grid. The DSM term draws
-``ln sigma ~ N(-1.2, 1.2^2)`` with EDM's weight ``lambda(sigma) = (sigma^2 + sigma_d^2)/(sigma sigma_d)^2``.
+``Solver_phi`` is ``n`` Heun steps of the teacher along the grid. The DSM term draws half the
+batch from ``ln sigma ~ N(-1.2, 1.2^2)`` and half uniformly in ``r`` on the Karras ramp
+``sigma = (sigma_max^(1/rho) + r (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, ``r ~ U[0, 0.7)``
+(the reference's ``HalfLogNormalHalfUniformSampler`` with ``diffusion_mult = 0.7``: it covers the
+high noise levels a 1-step sampler starts from), with EDM's weight
+``lambda(sigma) = (sigma^2 + sigma_d^2)/(sigma sigma_d)^2``, scaled adaptively to L_CTM
+(``lambda_DSM ||grad L_CTM|| / ||grad L_DSM||`` at the student's last layer, clamped to [0, 1e4]:
+the reference's default ``apply_adaptive_weight = True``).
 
 The optional GAN term (Sec. 4.2) is a hinge game between real data and ``G_theta(x_t, t, 0)``;
 the generator term is scaled adaptively by ``||grad L_CTM|| / ||grad L_GAN||`` at the student's
@@ -25,17 +33,21 @@ Sampling is gamma-sampling (Algorithm 2): ``x <- G(x, t_n, sqrt(1 - gamma^2) t_{
 t_{n+1} z``; ``gamma = 0`` is deterministic flow-map stepping, ``gamma = 1`` is CM's multistep.
 
 Defaults from the reference code's CIFAR-10 settings (N = 18, n_max = 17, uniform ``s``, EMA
-0.999, RAdam lr 4e-4, lambda_DSM = 1, discriminator RAdam lr 2e-3 betas (0.5, 0.9)).
+0.999, RAdam lr 4e-4, lambda_DSM = 1 with the adaptive weight, discriminator RAdam lr 2e-3 betas
+(0.5, 0.9)). Checked against sony/ctm ``code/cm/script_util.py``, ``karras_diffusion.py`` and
+``resample.py``: ``ctm_target_inner_type='model_sg'`` (``get_ctm_target`` is under no-grad, the
+inner jump by ``model``, the outer by ``target_model``), ``apply_adaptive_weight=True``,
+``diffusion_schedule_sampler='halflognormal'`` with ``diffusion_mult=0.7``, the teacher's Heun
+steps for ``x_u``, student dropout 0.
 Deviations: the paper's feature distance (LPIPS, or StyleGAN-XL's DeiT/EfficientNet features) needs
 ImageNet weights fewstep cannot download — L2 / L1 / pseudo-Huber instead (a feature distance
 from the digits classifier would leak into the FID it is judged by); the discriminator is
 :mod:`fewstep.networks.discriminator`'s heads on the frozen teacher's features at ``gan_sigma``
-instead of StyleGAN-XL's projected discriminator; lambda_DSM is fixed by default (the reference
-code's later default); ``dsm_adaptive`` balances the DSM term against L_CTM instead (lambda_DSM
-times ``||grad L_CTM|| / ||grad L_DSM||`` at the last layer, the reference's
-``apply_adaptive_weight``), which matters here because pixel L2 is ~100x smaller than LPIPS and a
-fixed weight lets the DSM term drown the consistency term; the student's dropout defaults to 0
-whatever the teacher's (the target and the teacher run without it).
+instead of StyleGAN-XL's projected discriminator (``dsm_adaptive = False`` gives a fixed
+lambda_DSM, ``dsm_sampler = "lognormal"`` the log-normal DSM levels alone, ``target_inner =
+"ema"`` the EMA for both target jumps: this module's behaviour before it was checked against the
+reference); the student's dropout defaults to 0 whatever the teacher's (the target and the
+teacher run without it).
 """
 
 from __future__ import annotations
@@ -77,9 +89,12 @@ class CTMConfig:
     distance: str = "l2"  # l2 | l1 | huber
     huber_c: float = 0.001
     dsm_weight: float = 1.0
-    dsm_adaptive: bool = False  # scale L_DSM to L_CTM's gradient norm at the last layer (reference option)
+    dsm_adaptive: bool = True  # scale L_DSM to L_CTM's gradient norm at the last layer (apply_adaptive_weight)
+    dsm_sampler: str = "halflognormal"  # halflognormal (the reference) | lognormal
     dsm_p_mean: float = -1.2
     dsm_p_std: float = 1.2
+    diffusion_mult: float = 0.7  # the uniform half's range on the Karras ramp, r ~ U[0, diffusion_mult)
+    target_inner: str = "student"  # the target's inner jump: student (no-grad, 'model_sg') | ema
     gan_weight: float = 0.0  # 0 disables the GAN term
     gan_start: int = 0  # iteration at which the GAN term starts
     gan_sigma: float = 0.002  # noise level at which the teacher's features are read
@@ -110,6 +125,8 @@ class ConsistencyTrajectoryModel(Method):
         check_option("distance", c.distance, DISTANCES)
         check_option("heun_step_strategy", c.heun_step_strategy, ("weighted", "uniform", "fixed"))
         check_option("s_strategy", c.s_strategy, ("uniform", "smallest"))
+        check_option("dsm_sampler", c.dsm_sampler, ("halflognormal", "lognormal"))
+        check_option("target_inner", c.target_inner, ("student", "ema"))
         if not 1 <= c.max_heun_steps <= c.num_scales - 1:
             raise FewstepError(f"max_heun_steps must lie in [1, num_scales - 1 = {c.num_scales - 1}]")
         if not 0.0 <= c.gamma <= 1.0:
@@ -183,8 +200,26 @@ class ConsistencyTrajectoryModel(Method):
         estimate = self.target(self.student(x_t, t, s, cond), s, eps, cond)  # gradient through the student
         with torch.no_grad():
             x_u = self.teacher_solve(x_t, i_t, n, cond)
-            target = self.target(self.target(x_u, u, s, cond), s, eps, cond)
+            target = self.ctm_target(x_u, u, s, eps, cond)
         return distance(estimate, target, self.config.distance, self.config.huber_c)
+
+    @torch.no_grad()
+    def ctm_target(self, x_u: Tensor, u: Tensor, s: Tensor, eps: Tensor, cond: Any) -> Tensor:
+        """The target ``G_sg(sg[G_theta](x_u, u, s), s, eps)``: the inner jump by the online student
+        under no-grad (``model_sg``; ``target_inner = "ema"``: by the EMA), the outer by the EMA."""
+        inner = self.student if self.config.target_inner == "student" else self.target
+        return self.target(inner(x_u, u, s, cond), s, eps, cond)
+
+    def dsm_sigma(self, n: int, device: torch.device | str) -> Tensor:
+        """DSM noise levels: the first half log-normal, the rest uniform in ``r`` on the Karras ramp
+        (``HalfLogNormalHalfUniformSampler``); all log-normal with ``dsm_sampler = "lognormal"``."""
+        c, t = self.config, self.teacher
+        sigma = (torch.randn(n) * c.dsm_p_std + c.dsm_p_mean).exp()
+        if c.dsm_sampler == "halflognormal":
+            r = torch.rand(n - n // 2) * c.diffusion_mult
+            hi, lo = t.sigma_max ** (1 / c.rho), t.sigma_min ** (1 / c.rho)
+            sigma = torch.cat([sigma[: n // 2], (hi + r * (lo - hi)) ** c.rho])
+        return sigma.to(device)
 
     def dsm_loss(self, x0: Tensor, cond: Any, sigma: Tensor, noise: Tensor) -> Tensor:
         """Per-sample EDM-weighted DSM of the student's denoiser ``g(x, sigma, sigma)``."""
@@ -221,7 +256,7 @@ class ConsistencyTrajectoryModel(Method):
             loss_ctm = self.ctm_loss(x0, cond, i_t, n, i_s, torch.randn_like(x0)).mean()
             loss = loss_ctm
             if c.dsm_weight > 0:
-                sigma = (torch.randn(x0.shape[0], device=x0.device) * c.dsm_p_std + c.dsm_p_mean).exp()
+                sigma = self.dsm_sigma(x0.shape[0], x0.device)
                 loss_dsm = self.dsm_loss(x0, cond, sigma.to(x0.dtype), torch.randn_like(x0)).mean()
                 if c.dsm_adaptive:
                     loss_dsm = self._adaptive_weight(loss_ctm, loss_dsm, 0.0, 1e4) * loss_dsm
