@@ -7,9 +7,15 @@
 #   bash bench/digits_methods.sh runs/b12 sid cd tract &  bash bench/digits_methods.sh runs/b12 kd dmd2 &
 #   wait; fewstep bench --runs runs/b12/sid,runs/b12/cd,... --out docs/bench-digits
 #
-# Fields: run name, method, minutes, iteration cap, batch, evaluation-EMA decay ("ref": the method's
-# reference EMA with EDM's ramp-up, the engine's default for new runs), method options.
+# Fields: run name, method, minutes, iteration cap, batch, evaluation-EMA decay (a number: fixed from
+# the first update, as the runs measured before the ramp-up existed; "ref": the method's reference
+# EMA with EDM's ramp-up, the engine's default for new runs), method options.
 # Iteration caps schedule the multi-round methods (rounds/phases are scheduled by iteration).
+# The rows without "_ref" keep the options they were measured with where later fixes (issue 15:
+# CTM's target, DSM levels and weight; DMD2's dropout) changed a default; SiD, Diff-Instruct and
+# DMD changed without an option (no dropout noise in the fake score's estimate; SiD and
+# Diff-Instruct step the fake score before the generator uses it), so their older rows do not
+# reproduce exactly with today's code — the *_ref rows are today's.
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
@@ -19,8 +25,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 FEWSTEP=${FEWSTEP:-.venv/bin/fewstep}
 RUNS="
 sid            sid            12 100000 32 0.999 lr=1e-4 fake_lr=1e-4
-dmd2           dmd2           12 100000 32 0.999 lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03
-dmd2_f2        dmd2           12 100000 32 0.999 lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03 fake_updates=2
+dmd2           dmd2           12 100000 32 0.999 lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03 dropout=none
+dmd2_f2        dmd2           12 100000 32 0.999 lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03 fake_updates=2 dropout=none
 kd             kd             12 100000 64 0.999
 diff_instruct  diff_instruct  12 100000 32 0.999 lr=1e-4 fake_lr=1e-4
 dmd            dmd            12 100000 32 0.999 lr=1e-4 fake_lr=1e-4
@@ -31,8 +37,8 @@ tract          tract          12 2400   64 0     phases=40,1 steps_per_phase=240
 progressive    progressive    12 3500   64 0     start_steps=32 steps_per_round=700 lr=3e-4 lr_anneal=true
 progressive64  progressive    14 5400   64 0     start_steps=64 steps_per_round=900 lr=3e-4 lr_anneal=true
 guided         guided         10 3000   64 0     start_steps=32 steps_per_round=500 stage_one_steps=500 lr=3e-4 lr_anneal=true
-ctm            ctm            12 100000 64 0.999
-ctm_adaptive   ctm            12 100000 64 0.999 dsm_adaptive=true
+ctm            ctm            12 100000 64 0.999 dsm_adaptive=false dsm_sampler=lognormal target_inner=ema
+ctm_adaptive   ctm            12 100000 64 0.999 dsm_adaptive=true dsm_sampler=lognormal target_inner=ema
 sid_ref        sid            12 100000 32 ref   lr=1e-4 fake_lr=1e-4
 dmd2_ref       dmd2           12 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03
 diff_instruct_ref diff_instruct 12 100000 32 ref lr=1e-4 fake_lr=1e-4
@@ -55,6 +61,6 @@ for want in "$@"; do
   sets=(); for kv in $opts; do sets+=(--set "$kv"); done
   $FEWSTEP distill --teacher builtin:digits --method "$method" --out "$ROOT/$name" --overwrite \
     --minutes "$minutes" --max-steps "$steps" --batch "$batch" --checkpoint-every 100000 \
-    $( [ "$ema" = ref ] || echo --set ema_decay="$ema" ) "${sets[@]}"
+    $( [ "$ema" = ref ] || echo --set ema_decay="$ema" --set ema_rampup=none ) "${sets[@]}"
   $FEWSTEP eval "$ROOT/$name" ${EVAL_ARGS:-}
 done

@@ -96,7 +96,9 @@ def test_folder_teacher_distill_eval_sample_resume_from_the_cli(work, tmp_path, 
     assert len(list((tmp_path / "cache" / "classifiers").iterdir())) == 1
     capsys.readouterr()
     assert main(["eval", cd, *args]) == 0
-    assert "training a feature classifier" not in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "training a feature classifier" not in again
+    assert "teacher heun @ 35 NFE: row reused from the cache" in again  # said, not silent
 
 
 def test_api_dataset_is_kept_in_the_run_for_resume(work, tmp_path):
