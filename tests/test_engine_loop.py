@@ -274,3 +274,53 @@ def test_learning_rate_schedules_see_each_optimizers_own_step_count(tmp_path):
     assert seen == {"a": list(range(8)), "b": [0, 1, 2]}  # b steps on iterations 1, 4, 7
     for k in a0:  # lr multiplier 0 for the first two steps: the student did not move
         assert torch.equal(snaps[2][k], a0[k]) and not torch.equal(snaps[3][k], a0[k]), k
+
+
+def test_clipping_acts_on_the_gradient_the_optimizer_steps_with(tmp_path, monkeypatch):
+    """Adam is nearly blind to a gradient's scale, so clipping is checked where it acts: the
+    gradient norm each optimizer sees at its step is at most ``grad_clip``."""
+    from fewstep.train import loop
+
+    seen: list[float] = []
+    make = loop.make_optimizer
+
+    def recording(spec, params):
+        opt = make(spec, params)
+        norm = lambda: float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params if p.grad is not None)))
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(norm()))
+        return opt
+
+    monkeypatch.setattr(loop, "make_optimizer", recording)
+    run_pair(tmp_path, {"max_steps": 4}, grad_clip=1e-3, lr=1.0, kind="adamw")
+    assert len(seen) == 8 and max(seen) <= 1e-3 * (1 + 1e-5)
+
+
+def test_frozen_networks_and_ema_copies_are_in_eval_mode_inside_losses(tmp_path):
+    """A teacher with dropout must run without it: inside ``losses`` every frozen network and EMA
+    copy is in eval mode, every trained network in train mode."""
+    method = Pair(tiny_teacher(), PairConfig())
+    inner, modes = method.losses, []
+
+    def checking(batch, step, due):
+        modes.append((method.teacher.training, method.frozen_head.training, method.b_ema.training,
+                      method.student.training, method.b.training))  # fmt: skip
+        return inner(batch, step, due)
+
+    method.losses = checking
+    train(method, tiny_config(max_steps=3), tmp_path, data=tiny_data())
+    assert modes == [(False, False, False, True, True)] * 3
+
+
+def test_denoise_loss_is_edms_weighted_formula():
+    """EDM Eq. 2 with Table 1's weight, by hand on fixed sigma and noise."""
+    from fewstep.methods.denoise import Denoise
+
+    teacher = tiny_teacher()
+    method = Denoise(teacher)
+    x0 = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.7, 0.1]])
+    sigma, noise = torch.tensor([0.2, 1.0, 5.0]), torch.tensor([[0.5, -1.0], [0.1, 0.3], [-0.4, 2.0]])
+    D = method.student(x0 + sigma[:, None] * noise, sigma, None)
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    want = (weight * (D - x0).pow(2).mean(1)).mean()
+    torch.testing.assert_close(method.edm_loss(x0, None, sigma, noise), want)
+    assert not torch.allclose(want, (D - x0).pow(2).mean())  # the weight matters on these inputs

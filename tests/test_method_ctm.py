@@ -275,3 +275,24 @@ def test_dsm_levels_are_half_lognormal_half_uniform_on_the_karras_ramp():
 
 def test_dsm_term_is_weighted_adaptively_by_default():
     assert CTMConfig().dsm_adaptive and CTMConfig().target_inner == "student"
+
+
+def test_the_estimates_outer_jump_is_the_ema_target_with_the_students_gradient():
+    """L_CTM's estimate side is G_sg(G_theta(x_t, t, s), s, eps): the outer jump by the EMA target
+    (weights frozen), the inner by the student; with target != student the loss differs from the
+    one with the student's own outer jump."""
+    gm = gaussian(0.5)
+    method = CTM(gm, CTMConfig(num_scales=6, max_heun_steps=2), student=ExactFlowMap(gm, power=1.2))
+    method.target = ExactFlowMap(gm, power=0.8)
+    x0 = gm.sample(4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(4, 2, dtype=torch.float64)
+    i_t, i_s = torch.zeros(4, dtype=torch.long), torch.full((4,), 4)
+    grid = method.grid.to(torch.float64)
+    t, u, s = grid[0], grid[1], grid[4]
+    x_t = x0 + t * noise
+    eps = torch.full((4,), gm.sigma_min, dtype=torch.float64)
+    tt, ss = t.expand(4), s.expand(4)
+    estimate = method.target(method.student(x_t, tt, ss), ss, eps)
+    target = method.ctm_target(method.teacher_solve(x_t, i_t, 1), u.expand(4), ss, eps, None)
+    want = (estimate - target).pow(2).mean(1)
+    torch.testing.assert_close(method.ctm_loss(x0, None, i_t, 1, i_s, noise), want)

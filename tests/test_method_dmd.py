@@ -179,3 +179,18 @@ def test_fewstep_distill_dmd_with_pairs(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     m = load_run(out)
     assert m.sample(torch.randn(3, 2), 1, torch.tensor([0, 1, 1])).shape == (3, 2)
+
+
+def test_gradient_is_divided_by_the_per_sample_normaliser():
+    """Eq. 8 by hand on fixed noise: (mu_fake - mu_real) / mean_dims |x - mu_real| per sample."""
+    teacher = gaussian([1.0, -0.5])
+    m = DMD(teacher, DMD.Config(reg_weight=0), student=OneStepGenerator(mlp(), 80.0))
+    m.fake_score.means.data[:] = torch.tensor([[-1.0, 0.5]], dtype=torch.float64)
+    x = torch.tensor([[0.3, 0.2], [2.0, -1.0], [-3.0, 4.0]], dtype=torch.float64)
+    sigma = torch.tensor([0.5, 2.0, 10.0], dtype=torch.float64)
+    noise = torch.tensor([[0.1, -0.2], [1.0, 0.5], [-0.3, 0.7]], dtype=torch.float64)
+    x_t = x + sigma[:, None] * noise
+    real, fake = teacher(x_t, sigma), m.fake_score(x_t, sigma)
+    want = (fake - real) / (x - real).abs().mean(1, keepdim=True)
+    torch.testing.assert_close(m.dm_gradient(x, None, sigma, noise), want)
+    assert not torch.allclose(want, fake - real)  # the normaliser is not 1 here

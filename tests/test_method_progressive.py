@@ -179,3 +179,14 @@ def test_rounds_of_different_lengths():
         _method(steps_per_round=(1, 2))
     with pytest.raises(FewstepError, match=">= 1"):
         _method(steps_per_round=0)
+
+
+def test_loss_weights_are_the_closed_forms():
+    """Truncated SNR max(1/sigma^2, 1) (Salimans & Ho, Sec. 4), EDM's lambda, constant 1."""
+    from fewstep.methods.progressive import loss_weight
+
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64)
+    torch.testing.assert_close(loss_weight(sigma), torch.tensor([100.0, 4.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    edm = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close(loss_weight(sigma, "edm", 0.5), edm)
+    torch.testing.assert_close(loss_weight(sigma, "constant"), torch.ones_like(sigma))
