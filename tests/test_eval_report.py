@@ -141,6 +141,7 @@ def test_bench_writes_a_leaderboard(teacher_dir, tmp_path, capsys):
     md = (out / "leaderboard.md").read_text()
     assert "| 1 |" in md and "| 2 |" in md and "Baselines" in md
     assert (out / "quality_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "quality_vs_nfe_all.png").read_bytes()[:4] == b"\x89PNG"  # every run; the first: best per method
     for m in ("denoise", "cd"):
         assert (out / "runs" / m / "report.md").is_file()
     cd_config = json.loads((out / "runs" / "cd" / "config.json").read_text())
@@ -205,3 +206,23 @@ def test_training_hook_logs_fid_during_distillation(teacher_dir, tmp_path):
     assert [r["step"] for r in evals] == [2, 4]  # every 2 iterations; the final one is step 4
     assert all(r["eval/fid@1"] > 0 and 0 <= r["eval/precision@1"] <= 1 for r in evals)
     assert m.summary["step"] == 4
+
+
+def test_leaderboard_plot_keeps_the_best_run_per_method(tmp_path, monkeypatch):
+    from fewstep.eval import report
+    from fewstep.eval.evaluate import Row
+
+    drawn = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.append([l.get_label() for l in fig.axes[0].lines]))
+    rows = lambda fid: [Row("x", "student", 1, fid=fid), Row("x", "student", 2, fid=fid / 2)]
+    runs = {"cd_a": ("cd", "trajectory", rows(3.0)), "cd_b": ("cd", "trajectory", rows(2.0)),
+            "kd": ("kd", "output", rows(4.0))}  # fmt: skip
+    base = {"euler": [Row("euler", "teacher", 1, fid=50.0), Row("euler", "teacher", 8, fid=5.0)],
+            "heun": [Row("heun", "teacher", 1, fid=50.0), Row("heun", "teacher", 8, fid=3.0)]}  # fmt: skip
+    teacher = Row("heun", "teacher", 35, fid=1.0)
+    report.leaderboard_plot(runs, base, teacher, tmp_path / "a.png")
+    report.leaderboard_plot(runs, base, teacher, tmp_path / "b.png", best_only=False)
+    best, every = drawn
+    assert [l for l in best if l.startswith("cd")] == ["cd_b (trajectory)"] and "kd (output)" in best
+    assert {"cd_a (trajectory)", "cd_b (trajectory)"} <= set(every)
+    assert any(l.startswith("best training-free: Heun") for l in best)  # lowest FID at the largest NFE

@@ -20,7 +20,7 @@ from fewstep.errors import FewstepError
 from fewstep.eval.evaluate import EvalSettings, Row
 from fewstep.eval.pipeline import evaluate as evaluate_subject
 from fewstep.eval.pipeline import resolve
-from fewstep.eval.report import SOLVER_NAMES, machine, quality_plot
+from fewstep.eval.report import SOLVER_NAMES, leaderboard_plot, machine
 from fewstep.io import atomic_write_bytes, atomic_write_json
 
 
@@ -225,13 +225,19 @@ def write_leaderboard(results: dict[str, dict | str], out: str | Path, args_line
     write_csv(rows, out / "leaderboard.csv")
     ok = [r for r in results.values() if isinstance(r, dict)]
     if ok:
-        series: dict[str, list[Row]] = {}
+        from fewstep.methods import available
+
+        baselines: dict[str, list[Row]] = {}
         for b in ok[0]["baselines"]:
-            series.setdefault(b["name"], []).append(Row(**b))
-        for name, res in results.items():
-            if isinstance(res, dict):
-                series[name] = [Row(**{**r, "name": name}) for r in res["students"]]
-        quality_plot(series, out / "quality_vs_nfe.png", Row(**ok[0]["teacher_row"]), title="fewstep bench")
+            baselines.setdefault(b["name"], []).append(Row(**b))
+        families = {name: cls.family for name, cls in available().items()}
+        runs = {name: (res.get("method") or name, families.get(res.get("method") or name, "other"),
+                       [Row(**{**r, "name": name}) for r in res["students"]])
+                for name, res in results.items() if isinstance(res, dict)}  # fmt: skip
+        teacher = Row(**ok[0]["teacher_row"])
+        leaderboard_plot(runs, baselines, teacher, out / "quality_vs_nfe.png", title="fewstep bench")
+        leaderboard_plot(runs, baselines, teacher, out / "quality_vs_nfe_all.png", best_only=False,
+                         title="fewstep bench")  # fmt: skip
     path = out / "leaderboard.md"
     atomic_write_bytes(path, render_leaderboard(rows, results, args_line).encode())
     return rows, path

@@ -78,6 +78,70 @@ def quality_plot(
     return _save(fig, Path(path))
 
 
+FAMILY_COLOURS = {"output": "Blues", "trajectory": "Greens", "adversarial": "Reds"}
+MARKERS = "os^vDP*Xhp<>d"
+
+
+def leaderboard_plot(
+    runs: dict[str, tuple[str, str, list[Row]]],
+    baselines: dict[str, list[Row]],
+    teacher: Row,
+    path: str | Path,
+    best_only: bool = True,
+    title: str = "",
+) -> Path:
+    """The leaderboard's picture: FID against NFE (log-log) of each run ``name -> (method, family,
+    rows)``, one colour family per distillation family and a marker per method, each line labelled
+    at its end; with ``best_only`` only each method's best run (lowest FID at its fewest steps).
+    The teacher is a black line, the best training-free sampler (lowest FID at the largest NFE
+    its curve shares with the runs) a dashed grey curve."""
+    plt = _plt()
+    if best_only:
+        best: dict[str, tuple[str, tuple[str, str, list[Row]]]] = {}
+        for name, run in runs.items():
+            first = min(run[2], key=lambda r: r.nfe)
+            if run[0] not in best or first.fid < min(best[run[0]][1][2], key=lambda r: r.nfe).fid:
+                best[run[0]] = (name, run)
+        runs = dict(best.values())
+    fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=110)
+    by_family: dict[str, list[str]] = {}
+    for name, (_, family, _) in runs.items():
+        by_family.setdefault(family, []).append(name)
+    methods = sorted({m for m, _, _ in runs.values()})
+    for family, names in by_family.items():
+        cmap = plt.get_cmap(FAMILY_COLOURS.get(family, "Greys"))
+        for i, name in enumerate(sorted(names)):
+            method, _, rows = runs[name]
+            rows = sorted((r for r in rows if r.fid is not None), key=lambda r: r.nfe)
+            colour = cmap(0.45 + 0.5 * i / max(len(names) - 1, 1))
+            nfe, fid = [r.nfe for r in rows], [max(r.fid, 1e-6) for r in rows]
+            ax.plot(nfe, fid, marker=MARKERS[methods.index(method) % len(MARKERS)], color=colour, lw=2, ms=7,
+                    label=f"{name} ({family})")  # fmt: skip
+            ax.annotate(name, (nfe[-1], fid[-1]), xytext=(6, 0), textcoords="offset points", fontsize=7,
+                        color=colour, va="center")  # fmt: skip
+    if baselines:
+        top = max(r.nfe for rows in baselines.values() for r in rows)
+        at_top = {
+            n: min((r for r in rows if r.nfe == top), key=lambda r: r.fid, default=None)
+            for n, rows in baselines.items()
+        }
+        best_name = min((n for n in at_top if at_top[n] is not None), key=lambda n: at_top[n].fid)
+        rows = sorted(baselines[best_name], key=lambda r: r.nfe)
+        ax.plot([r.nfe for r in rows], [r.fid for r in rows], ls="--", color="0.55", lw=1.5, marker=".",
+                label=f"best training-free: {SOLVER_NAMES.get(best_name, best_name)} (teacher)")  # fmt: skip
+    ax.axhline(teacher.fid, color="k", lw=1, label=f"teacher {SOLVER_NAMES.get(teacher.name, teacher.name)} @ "
+               f"{teacher.nfe} NFE")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel("FID")
+    ax.set_title(title + (" — best run per method" if best_only else " — every run"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
 def sample_figure(rows: Sequence[tuple[str, Tensor]], path: str | Path, reference: Tensor | None = None) -> Path:
     """Samplers side by side for the same noise: one row of an image grid per sampler, or one 2-D
     scatter panel per sampler (over the reference data in grey)."""
