@@ -76,13 +76,24 @@ with open(f"{{out}}-rank{{rank}}.json", "w") as f:
 """
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def launch(tmp_path: Path, config: str, *args: str) -> None:
+    """Run ``args`` under ``accelerate launch``. A gloo process can abort at interpreter exit with
+    its threads still alive (torch's teardown, seen about once in ten CI runs of a 2-process job);
+    such a run is repeated once from scratch (a distill run with ``--overwrite``), any other failure
+    — or a second abort — fails the test."""
     (tmp_path / "acc.yaml").write_text(config)
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(accelerate), "launch", "--config_file", str(tmp_path / "acc.yaml"), "--main_process_ip", "127.0.0.1",
-           "--main_process_port", str(free_port()), *args]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    for attempt in range(2):
+        cmd = [str(accelerate), "launch", "--config_file", str(tmp_path / "acc.yaml"), "--main_process_ip",
+               "127.0.0.1", "--main_process_port", str(free_port()), *args]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        if done.returncode == 0 or TEARDOWN_ABORT not in done.stderr or attempt == 1:
+            break
+        args = (*args, "--overwrite") if "distill" in args and "--overwrite" not in args else args
     assert done.returncode == 0, done.stderr[-3000:]
 
 
