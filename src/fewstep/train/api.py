@@ -248,9 +248,9 @@ def execute(plan: Plan, eval_hook=None) -> Method:
         from fewstep.train.checkpoint import latest, unusable
 
         if latest(plan.out / "checkpoints") is None:
-            problem = unusable(plan.out / "checkpoints")
-            hint = "" if "damaged" in problem else "; start it again with --overwrite"
-            raise FewstepError(f"--resume: {plan.out} {problem}{hint}")
+            raise FewstepError(
+                f"--resume: {plan.out} {unusable(plan.out / 'checkpoints', 'start it again with --overwrite')}"
+            )
     config = plan.config()
     config["data"] = data_record(data)
     if plan.resume:  # keep what the run was made with; only the budget options may have changed
@@ -382,7 +382,7 @@ def load_sharded_eval_ema(method: Method, out: Path) -> dict[str, torch.Tensor]:
 
     found = ckpt.latest(out / "checkpoints")
     if found is None:
-        raise FewstepError(f"run {out} {ckpt.unusable(out / 'checkpoints')}; nothing to save as its student")
+        raise FewstepError(f"run {out} {ckpt.unusable(out / 'checkpoints', 'nothing to save as its student')}")
     student = method.networks()["student"]
     expected = student.state_dict()
     with safe_open(str(found.path / "weights.safetensors"), framework="pt") as f:
@@ -412,9 +412,9 @@ def load_checkpoint_into(method: Method, run_dir: Path, ema: bool = True, checkp
     else:
         found = ckpt.latest(run_dir / "checkpoints")
         if found is None:
-            problem = ckpt.unusable(run_dir / "checkpoints")
-            hint = "" if "damaged" in problem else "; train it first (fewstep distill)"
-            raise FewstepError(f"run {run_dir} {problem}{hint}")
+            raise FewstepError(
+                f"run {run_dir} {ckpt.unusable(run_dir / 'checkpoints', 'train it first (fewstep distill)')}"
+            )
     if found.meta.get("method") != method.name:
         raise FewstepError(
             f"checkpoint {found.path} belongs to method {found.meta.get('method')!r}, not {method.name!r}"

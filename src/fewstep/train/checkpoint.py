@@ -198,11 +198,11 @@ def latest(root: Path) -> Checkpoint | None:
     return None
 
 
-def unusable(root: Path) -> str:
-    """Why ``root`` holds no usable checkpoint, for an error message: none written yet, or every
-    one damaged (with what is wrong with the newest)."""
+def unusable(root: Path, then: str) -> str:
+    """Why ``root`` holds no usable checkpoint, for an error message: none written yet (followed by
+    ``then``, what to do), or every one damaged (with what is wrong with the newest)."""
     dirs = checkpoint_dirs(root)
     if not dirs:
-        return "has no usable checkpoint yet (none written)"
+        return f"has no usable checkpoint yet (none written); {then}"
     return (f"has no usable checkpoint: all {len(dirs)} are damaged (newest {dirs[0].name}: {verify(dirs[0])}); "
             "restore them from a copy, or start again with --overwrite")  # fmt: skip

@@ -683,7 +683,7 @@ def restore(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, 
     """Load the newest intact checkpoint under ``root``; return its step."""
     found = ckpt.latest(root)
     if found is None:
-        raise FewstepError(f"{root} {ckpt.unusable(root)}")
+        raise FewstepError(f"{root} {ckpt.unusable(root, 'start the run again without --resume')}")
     meta = found.meta
     if meta.get("method") != method.name or list(meta.get("sample_shape", [])) != list(method.teacher.sample_shape):
         raise FewstepError(
