@@ -53,7 +53,6 @@ def register(sub) -> None:
     tsub.required = True
     t = tsub.add_parser("train", help="train a teacher from scratch with the EDM loss", formatter_class=Formatter,
                         description=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    t.formatter_class = Formatter
     add_data_args(t, "digits, moons, gaussians8, checkerboard, or a folder of images (PATH, PATH:all)")
     t.add_argument("--out", required=True, help="the teacher's run folder")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at whichever ends first)")
