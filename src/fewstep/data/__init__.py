@@ -157,7 +157,7 @@ def _in_split(rel: str, split: str) -> bool:
     return held if split == "test" else not held
 
 
-def _name_some(files: list[Path], root: Path, what: str) -> str:
+def _name_some(files: list[tuple[Path, str]], root: Path) -> str:
     shown = ", ".join(f"{p.relative_to(root)} ({w})" for p, w in files[:3])
     return shown + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
@@ -192,7 +192,7 @@ def scan_folder(
     odd = [(p, f"{s[0]}x{s[1]}") for p, s in sizes.items() if s != (w, h)]
     if odd:
         raise FewstepError(
-            f"images in {root} differ in size: most are {w}x{h}, but {_name_some(odd, root, 'size')}; "
+            f"images in {root} differ in size: most are {w}x{h}, but {_name_some(odd, root)}; "
             "make them one size, or pass --convert to resize every image to --resolution"
         )
     if w != h:
@@ -207,7 +207,7 @@ def scan_folder(
         greys = [(p, "grey") for p, c in modes.items() if c == 1]
         few = colour if len(colour) <= len(greys) else greys
         raise FewstepError(
-            f"images in {root} mix greyscale and colour: {_name_some(few, root, 'mode')}; make them one mode, "
+            f"images in {root} mix greyscale and colour: {_name_some(few, root)}; make them one mode, "
             "or pass --convert (with --channels 1 or 3) to convert every image"
         )
     found = 1 if grey else 3
