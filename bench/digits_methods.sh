@@ -44,6 +44,12 @@ dmd2_ref       dmd2           12 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100
 diff_instruct_ref diff_instruct 12 100000 32 ref lr=1e-4 fake_lr=1e-4
 dmd_ref        dmd            12 100000 32 ref   lr=1e-4 fake_lr=1e-4
 ctm_ref        ctm            12 100000 64 ref
+dmd2_f2_ref    dmd2           12 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03 fake_updates=2
+lcm_w1_ref     lcm            10 100000 64 ref   guidance=1,3 sample_guidance=1 lr=4e-4
+add_ref        add            12 100000 64 ref   lr=1e-4 d_lr=1e-3
+ladd_ref       ladd           12 100000 64 ref   lr=3e-5 d_lr=1e-3 disc_m=-1
+ufogen_ref     ufogen         12 100000 64 ref   lr=1e-4 d_lr=1e-3 chain_sigmas=7.3,0.35,0.1,0.03
+lightning_ref  lightning      15 2400   64 ref   start_steps=16 steps_per_round=600 mse_rounds=1 mse_weight=1 lr=3e-4 lr_anneal=true d_lr=1e-3
 add            add            12 100000 64 0.999 lr=1e-4 d_lr=1e-4 distill_weight=10
 add_tuned      add            12 100000 64 0     lr=1e-4 d_lr=1e-3 distill_weight=10
 add_d3_ema     add            12 100000 64 0.999 lr=1e-4 d_lr=1e-3 distill_weight=10
