@@ -3,6 +3,7 @@
     fewstep distill --teacher builtin:digits --method denoise --out runs/x --max-steps 2000
     fewstep distill --out runs/x --resume                 # continue from the newest checkpoint
     fewstep distill ... --set lr=1e-4 --set ema_decay=0.99 --dry-run   # print the resolved config
+    fewstep distill --teacher builtin:digits --method dmd2 --init runs/kd --out runs/kd-dmd2   # a chain
 
 Method options are the fields of the method's ``Config`` (``--set key=value`` or ``options:`` in a
 ``--config`` YAML file); engine options are the fields of :class:`fewstep.train.TrainConfig`.
@@ -34,6 +35,8 @@ def run(args) -> int:
         "seed": args.seed,
         "batch": args.batch,
         "checkpoint_every": args.checkpoint_every,
+        "init": args.init,
+        "snapshot_minutes": args.snapshot_minutes,
     }
     if args.minutes is not None and args.max_steps is None and "max_steps" not in file:
         flags["max_steps"] = None
@@ -78,6 +81,18 @@ def register(sub) -> None:
     p.add_argument("--method", help="a method name (`fewstep methods` lists them)")
     p.add_argument("--out", help="run directory, e.g. runs/x")
     add_data_args(p, "data for methods that need it (default: what the teacher was trained on)")
+    p.add_argument(
+        "--init",
+        metavar="RUN",
+        help="start the student from this run's student (a chain: "
+        "--method dmd2 --init runs/kd); the report counts the whole chain's minutes",
+    )
+    p.add_argument(
+        "--snapshot-minutes",
+        metavar="M,M,...",
+        default=None,
+        help="also keep a checkpoint at these minutes of training (for quality-vs-time curves)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="iterations to train (default 1000)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at whichever ends first)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")

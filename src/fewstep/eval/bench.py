@@ -55,7 +55,8 @@ def leaderboard_rows(results: dict[str, dict | str]) -> list[dict]:
             rows.append({"method": name, "error": res})
             continue
         t_fid = res["teacher_row"]["fid"]
-        row: dict = {"method": name if res.get("method") in (None, name) else f"{name} ({res['method']})"}
+        what = "→".join(res["cost"]["chain"]) if res.get("cost", {}).get("chain") else res.get("method")
+        row: dict = {"method": name if what in (None, name) else f"{name} ({what})"}
         for r in res["students"]:
             k = r["nfe"]
             row[f"fid@{k}"], row[f"fid_std@{k}"] = r["fid"], r["fid_std"]

@@ -212,7 +212,9 @@ def render(results: dict) -> str:
     cost = results.get("cost") or {}
     if cost.get("minutes") is not None:
         lines.append(f"- distillation: {cost['minutes']:.1f} min, {cost['steps']} iterations"
-                     + (f" (stopped by {cost['stopped_by']})" if cost.get("stopped_by") else ""))  # fmt: skip
+                     + (f" (stopped by {cost['stopped_by']})" if cost.get("stopped_by") else "")
+                     + (f"; a chain {' → '.join(cost['chain'])}, this last stage {cost['own_minutes']:.1f} min"
+                        if cost.get("chain") else ""))  # fmt: skip
     lines += ["", "## Quality", ""]
     lines += quality_table([*students, teacher], teacher.fid, cols)
     fl = results.get("floor")

@@ -107,10 +107,26 @@ def measure_speed(
 
 def run_cost(run_dir: str | Path) -> dict:
     """Distillation wall time (minutes) and optimizer iterations of a run: the summary saved with
-    its student (``student/config.json``), else the last record of ``metrics.jsonl``."""
+    its student (``student/config.json``), else the last record of ``metrics.jsonl``. A warm-started
+    chain (``--init``) counts the whole chain: ``minutes`` and ``steps`` add the earlier runs',
+    ``chain`` names the methods in order and ``own_minutes`` is this run's part."""
     from fewstep.io import read_json
 
     run_dir = Path(run_dir)
+    cost = _own_cost(run_dir)
+    config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    init = config.get("init") or {}
+    if init and cost["minutes"] is not None and init.get("minutes") is not None:
+        cost["own_minutes"] = cost["minutes"]
+        cost["minutes"] = round(cost["minutes"] + init["minutes"], 3)
+        cost["steps"] = cost["steps"] + (init.get("steps") or 0)
+        cost["chain"] = [*init.get("chain", []), config["method"]["name"]]
+    return cost
+
+
+def _own_cost(run_dir: Path) -> dict:
+    from fewstep.io import read_json
+
     info = {}
     if (run_dir / "student" / "config.json").is_file():
         info = read_json(run_dir / "student" / "config.json").get("info", {})

@@ -112,6 +112,10 @@ def plan_run(
     options = build(method_cls.Config, method_opts, f"method {method_cls.name}")
     if cfg.teacher and not resume:
         cfg.teacher = absolute_spec(cfg.teacher)
+    if cfg.init and not resume:
+        from fewstep.train.warmstart import read_init
+
+        cfg.init = str(read_init(cfg.init, out))
     if cfg.data is not None:
         from fewstep.data import parse_data
 
@@ -239,8 +243,7 @@ def execute(plan: Plan, eval_hook=None) -> Method:
     # cpu= before accelerate's state exists: under an FSDP launch on a CPU machine, a state built
     # without it sees a single process
     state = PartialState(cpu=plan.cfg.cpu)
-    torch.manual_seed(plan.cfg.seed)  # the method's own initialisation is identical on every process
-    method = plan.method_cls(plan.teacher, plan.options)
+    method, init = make_method(plan, state)
     data = resolve_data(plan, method)
     device = "cpu" if plan.cfg.cpu else state.device
     check_run(plan.cfg, method, data, state.num_processes, device)
@@ -253,6 +256,7 @@ def execute(plan: Plan, eval_hook=None) -> Method:
             )
     config = plan.config()
     config["data"] = data_record(data)
+    config["init"] = init
     if plan.resume:  # keep what the run was made with; only the budget options may have changed
         config = {**read_run_config(plan.out), "train": config["train"]}
     lock = take_lock(plan, state)
@@ -260,6 +264,24 @@ def execute(plan: Plan, eval_hook=None) -> Method:
         return _write_and_train(plan, state, method, data, config, eval_hook)
     finally:
         lock.release()
+
+
+def make_method(plan: Plan, state) -> tuple[Method, dict[str, Any] | None]:
+    """The method of ``plan`` (identically initialised on every process) and, for a chain, the
+    ``init`` record of ``config.json``: a new run starts from ``--init``'s student, a resumed one
+    rebuilds the student layout its chain recorded (the weights come from the checkpoint)."""
+    from fewstep.train.warmstart import build_method, warm_start
+
+    if plan.resume:
+        init = read_run_config(plan.out).get("init")
+        torch.manual_seed(plan.cfg.seed)
+        return build_method(plan.method_cls, plan.teacher, plan.options, init), init
+    if plan.cfg.init:
+        if state.is_main_process:
+            print(f"starting the student from {plan.cfg.init}", flush=True)
+        return warm_start(plan.method_cls, plan.teacher, plan.options, Path(plan.cfg.init), plan.cfg.seed)
+    torch.manual_seed(plan.cfg.seed)
+    return plan.method_cls(plan.teacher, plan.options), None
 
 
 def take_lock(plan: Plan, state) -> RunLock:
@@ -462,6 +484,7 @@ def load_run(
         >>> x = method.sample(torch.randn(16, *method.teacher.sample_shape), steps=1)  # doctest: +SKIP
     """
     from fewstep.methods import get_method
+    from fewstep.train.warmstart import build_method
 
     path = Path(path)
     config = read_run_config(path)
@@ -469,7 +492,7 @@ def load_run(
     options = build(cls.Config, config["method"]["options"], f"method {cls.name}")
     teacher = run_teacher(path, config, teacher)
     torch.manual_seed(config["train"].get("seed", 0))
-    method = cls(teacher, options)
+    method = build_method(cls, teacher, options, config.get("init"))
     for module in [*method.networks().values(), *method.frozen().values()]:
         module.to(device)
     step = load_checkpoint_into(method, path, ema=ema, checkpoint=checkpoint)
@@ -506,6 +529,8 @@ def distill(
         max_steps: iterations to train (default 1000 when ``minutes`` is not given either).
         out: the run directory; a fresh temporary folder when ``None``.
         data: a data spec or :class:`~fewstep.data.Dataset` for methods that need data.
+        init: (keyword, an engine option) a run folder whose student this run's student starts
+            from — a warm-started chain such as ``kd`` then ``dmd2`` (:mod:`fewstep.train.warmstart`).
         eval_hook: ``callable(method, step, run_dir) -> dict | None`` run every ``eval_every`` steps.
         resume: continue the run in ``out`` from its newest checkpoint.
         overwrite: replace an existing run in ``out``.

@@ -113,6 +113,21 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def is_snapshot(path: Path) -> bool:
+    """A checkpoint kept at a minute mark (``snapshot_minutes``), which pruning leaves alone."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("snapshot_minutes") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def snapshots(root: Path) -> list[Checkpoint]:
+    """The intact minute-mark checkpoints under ``root``, oldest first."""
+    found = [Checkpoint(d, json.loads((d / "state.json").read_text())) for d in checkpoint_dirs(root)
+             if is_snapshot(d) and verify(d) is None]  # fmt: skip
+    return sorted(found, key=lambda c: c.step)
+
+
 def staging(root: Path, step: int) -> Path:
     """The hidden temporary folder in which the checkpoint of ``step`` is assembled."""
     return root / f".step-{step:08d}.tmp"
@@ -141,7 +156,7 @@ def commit(tmp: Path, root: Path, step: int, meta: dict[str, Any], keep: int) ->
         shutil.rmtree(final)
     tmp.rename(final)
     _fsync_dir(root)
-    for old in checkpoint_dirs(root)[keep:]:
+    for old in [d for d in checkpoint_dirs(root) if not is_snapshot(d)][keep:]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step-*.tmp"):
         if stale != tmp:

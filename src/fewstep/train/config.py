@@ -37,7 +37,7 @@ EMA_KEYS = ("ema_decay", "ema_halflife_kimg")
 # Options a `--resume` may change: they steer the budget and bookkeeping, never the maths.
 RESUMABLE = frozenset(
     {"max_steps", "minutes", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_n",
-     "eval_every", "max_nonfinite"}
+     "eval_every", "max_nonfinite", "snapshot_minutes"}
 )  # fmt: skip
 
 
@@ -54,6 +54,7 @@ class TrainConfig:
     teacher: str = ""
     method: str = ""
     data: str | dict | None = None  # data for methods that need it (a spec; saved whole); default: the teacher's
+    init: str | None = None  # start the student from this run's student (a warm-started chain; train/warmstart.py)
     max_steps: int | None = 1000
     minutes: float | None = None
     seed: int = 0
@@ -69,6 +70,8 @@ class TrainConfig:
     ema_rampup: float | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # also checkpoint at these minutes of training, kept beside the newest keep_checkpoints (curves)
+    snapshot_minutes: tuple[float, ...] = ()
     log_every: int = 50
     sample_every: int = 0  # 0: one grid at the end only
     sample_n: int = 64

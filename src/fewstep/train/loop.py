@@ -332,6 +332,7 @@ def train(
     window = Window(setup.specs, device)
     clock = {"start": time.monotonic(), "last": time.monotonic(), "last_step": step}
     deadline = clock["start"] + cfg.minutes * 60 if cfg.minutes else math.inf
+    marks = sorted(m for m in cfg.snapshot_minutes if not cfg.minutes or m < cfg.minutes)  # minute-mark checkpoints
     total = cfg.max_steps if cfg.max_steps is not None else math.inf
     bar = Progress(cfg, step, method.name) if main else None
     stopped_by, last_saved = ("max_steps" if step >= total else None), (step if resume else -1)
@@ -348,8 +349,12 @@ def train(
                     stats = log_window(window, counters, step, clock, metrics, bar, acc)
                     if stats["streak"] >= cfg.max_nonfinite:
                         raise nonfinite_error(stats, step, run_dir)
-                if stopped_by or step % cfg.checkpoint_every == 0:
-                    save(run_dir / "checkpoints", method, setup, feeder, counters, step, cfg, acc)
+                snap = None
+                if marks and (world == 1 or at_log) and clock_passed(clock["start"] + marks[0] * 60, acc, world):
+                    snap = {"snapshot_minutes": marks[0], "elapsed_minutes": (time.monotonic() - clock["start"]) / 60}
+                    marks.pop(0)
+                if stopped_by or snap or step % cfg.checkpoint_every == 0:
+                    save(run_dir / "checkpoints", method, setup, feeder, counters, step, cfg, acc, snap)
                     last_saved = step
                 if cfg.sample_every and step % cfg.sample_every == 0 and not stopped_by:
                     sample_grids(method, setup, run_dir, step, cfg.sample_n, acc)
@@ -500,6 +505,16 @@ def all_finite(finite: Tensor) -> Tensor:
     return t == 0
 
 
+def clock_passed(deadline: float, acc, world: int) -> bool:
+    """Whether any process's clock has passed ``deadline`` (so that all act on it together)."""
+    flag = float(time.monotonic() >= deadline)
+    if world > 1:
+        t = torch.tensor([flag], device=acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        flag = t.item()
+    return bool(flag)
+
+
 def stop_reason(step: int, total: float, deadline: float, signum: int | None, acc, world: int) -> str | None:
     """Why to stop now, agreed by every process (a signal or the clock may reach only some)."""
     flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM), float(time.monotonic() >= deadline)]
@@ -648,8 +663,19 @@ def load_weights(method: Method, setup: Setup, weights: dict[str, Tensor], where
         module.load_state_dict(part)
 
 
-def save(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, step: int, cfg: TrainConfig, acc) -> None:
-    """Write the checkpoint of ``step`` (every process its RNG; the main process the rest)."""
+def save(
+    root: Path,
+    method: Method,
+    setup: Setup,
+    feeder: Feeder,
+    counters,
+    step: int,
+    cfg: TrainConfig,
+    acc,
+    snapshot: dict | None = None,
+) -> None:
+    """Write the checkpoint of ``step`` (every process its RNG; the main process the rest);
+    ``snapshot`` marks a minute-mark checkpoint that pruning keeps (its minutes go in the state)."""
     tmp = ckpt.begin(root, step) if acc.is_main_process else ckpt.staging(root, step)
     acc.wait_for_everyone()
     rng_tensors, rng_meta = ckpt.rng_state(feeder.generator)
@@ -674,6 +700,7 @@ def save(root: Path, method: Method, setup: Setup, feeder: Feeder, counters, ste
             "optimizers": optim_meta,
             "method_state": method.extra_state(),
             "seed": cfg.seed,
+            **(snapshot or {}),
         }
         ckpt.commit(tmp, root, step, meta, cfg.keep_checkpoints)
     acc.wait_for_everyone()
