@@ -10,6 +10,8 @@
 # Fields: run name, method, minutes, iteration cap, batch, evaluation-EMA decay (a number: fixed from
 # the first update, as the runs measured before the ramp-up existed; "ref": the method's reference
 # EMA with EDM's ramp-up, the engine's default for new runs), method options.
+# "init=NAME" starts the run from run NAME under the same OUT_ROOT (a warm-started chain: run NAME
+# first; the leaderboard counts both runs' minutes); snapshot_minutes keeps checkpoints for curves.
 # Iteration caps schedule the multi-round methods (rounds/phases are scheduled by iteration).
 # The rows without "_ref" keep the options they were measured with where later fixes (issue 15:
 # CTM's target, DSM levels and weight; DMD2's dropout) changed a default; SiD, Diff-Instruct and
@@ -50,6 +52,13 @@ add_ref        add            12 100000 64 ref   lr=1e-4 d_lr=1e-3
 ladd_ref       ladd           12 100000 64 ref   lr=3e-5 d_lr=1e-3 disc_m=-1
 ufogen_ref     ufogen         12 100000 64 ref   lr=1e-4 d_lr=1e-3 chain_sigmas=7.3,0.35,0.1,0.03
 lightning_ref  lightning      15 2400   64 ref   start_steps=16 steps_per_round=600 mse_rounds=1 mse_weight=1 lr=3e-4 lr_anneal=true d_lr=1e-3
+kd_snap        kd             12 100000 64 ref   snapshot_minutes=1,2,4,6,8,10
+cd_snap        cd             12 100000 64 ref   snapshot_minutes=1,2,4,6,8,10
+sid_snap       sid            12 100000 32 ref   lr=1e-4 fake_lr=1e-4 snapshot_minutes=1,2,4,6,8,10
+dmd2_snap      dmd2           12 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03 snapshot_minutes=1,2,4,6,8,10
+kd-dmd2        dmd2           12 100000 32 ref   init=kd_snap lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03 snapshot_minutes=1,2,4,6,8,10
+kd-sid         sid            12 100000 32 ref   init=kd_snap sigma_init=80 lr=1e-4 fake_lr=1e-4 snapshot_minutes=1,2,4,6,8,10
+cd-ladd        ladd           12 100000 64 ref   init=cd_snap lr=3e-5 d_lr=1e-3 disc_m=-1 times=1,0.75,0.5,0.25 snapshot_minutes=1,2,4,6,8,10
 add            add            12 100000 64 0.999 lr=1e-4 d_lr=1e-4 distill_weight=10
 add_tuned      add            12 100000 64 0     lr=1e-4 d_lr=1e-3 distill_weight=10
 add_d3_ema     add            12 100000 64 0.999 lr=1e-4 d_lr=1e-3 distill_weight=10
@@ -64,7 +73,9 @@ for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
   [ -n "$line" ] || { echo "unknown run $want" >&2; exit 2; }
   read -r name method minutes steps batch ema opts <<<"$line"
-  sets=(); for kv in $opts; do sets+=(--set "$kv"); done
+  sets=(); for kv in $opts; do
+    case $kv in init=*) sets+=(--init "$ROOT/${kv#init=}");; *) sets+=(--set "$kv");; esac
+  done
   $FEWSTEP distill --teacher builtin:digits --method "$method" --out "$ROOT/$name" --overwrite \
     --minutes "$minutes" --max-steps "$steps" --batch "$batch" --checkpoint-every 100000 \
     $( [ "$ema" = ref ] || echo --set ema_decay="$ema" --set ema_rampup=none ) "${sets[@]}"
