@@ -66,9 +66,12 @@ def test_distillation_loss_equals_closed_form(mixture64):
     t = (sd_sigmas() * mixture64.sigma_data).clamp(mixture64.sigma_min, mixture64.sigma_max).float()[idx].double()
     target = mixture64(x_hat + t[:, None] * eps, t, labels)
     c_t = 1 / (1 + (t / mixture64.sigma_data) ** 2).sqrt()  # alpha_t of the matching SD timestep
-    expect = (c_t * (x_hat - target).pow(2).mean(1)).mean()
+    expect = (c_t * (x_hat - target).pow(2).sum(1)).mean()  # the paper's squared norm, summed over dimensions
     torch.manual_seed(3)
     assert m.distill_loss(x_hat, labels).item() == pytest.approx(expect.item(), rel=1e-6)
+    m.config.distill_reduce = "mean"
+    torch.manual_seed(3)
+    assert m.distill_loss(x_hat, labels).item() == pytest.approx(expect.item() / 2, rel=1e-6)
 
 
 def test_frozen_networks_get_no_gradient():
