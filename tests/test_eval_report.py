@@ -226,3 +226,24 @@ def test_leaderboard_plot_keeps_the_best_run_per_method(tmp_path, monkeypatch):
     assert [l for l in best if l.startswith("cd")] == ["cd_b (trajectory)"] and "kd (output)" in best
     assert {"cd_a (trajectory)", "cd_b (trajectory)"} <= set(every)
     assert any(l.startswith("best training-free: Heun") for l in best)  # lowest FID at the largest NFE
+
+
+def test_bench_curves_scores_minute_marks_and_a_chain_starts_where_its_first_stage_ended(teacher_dir, tmp_path, capsys):
+    from fewstep.train import distill
+
+    first, second = tmp_path / "kd", tmp_path / "kd-kd"
+    distill(str(teacher_dir), "kd", max_steps=6, out=first, batch=8, sample_n=0, cpu=True, num_pairs=64,
+            solver_steps=2, snapshot_minutes=(0.0,))  # fmt: skip
+    distill(str(teacher_dir), "kd", max_steps=3, out=second, batch=8, sample_n=0, cpu=True, num_pairs=64,
+            solver_steps=2, init=str(first))  # fmt: skip
+    out = tmp_path / "curves"
+    assert main(["bench", "--curves", f"{first},{second}", "--out", str(out), *QUICK]) == 0
+    res = json.loads((out / "curves.json").read_text())["curves"]
+    steps = [sorted({(p["step"], p["weights"]) for p in c["points"]}) for c in res]
+    assert steps[0] == [(1, "ema"), (1, "raw"), (6, "ema"), (6, "raw")]  # the 0-minute mark and the end
+    assert steps[1] == [(3, "ema"), (3, "raw")] and res[1]["label"] == "kd→kd"
+    end_of_first = max(p["minutes"] for p in res[0]["points"])
+    assert res[1]["chain_start"] == pytest.approx(end_of_first, abs=2e-3)
+    assert min(p["minutes"] for p in res[1]["points"]) >= res[1]["chain_start"]
+    assert all(p["ratio"] == pytest.approx(p["fid"] / res[0]["teacher_fid"]) for p in res[0]["points"])
+    assert (out / "curves.png").stat().st_size > 0 and "| kd-kd | kd→kd |" in (out / "curves.md").read_text()

@@ -5,9 +5,13 @@
     fewstep bench --methods sid,cd --minutes 12 --set sid.lr=1e-4 --set sid.batch=32    # per-method options
     fewstep bench --runs runs/a,runs/b --out bench/mine   # rank runs trained with `fewstep distill`
     fewstep bench --runs bench/mine,runs/c --out bench/mine   # add a run to a leaderboard
+    fewstep bench --curves runs/a,runs/b --n 2000 --seeds 1 --out bench/curves   # quality vs minutes
 
 Writes OUT/leaderboard.md, OUT/leaderboard.csv, OUT/quality_vs_nfe.png and one run directory
 (with its report.md) per method under OUT/runs/.
+With --curves: the FID ratio at 1 NFE of each run's minute-mark checkpoints (runs trained with
+`fewstep distill --snapshot-minutes 1,2,4,...`) and final checkpoint, evaluation EMA and raw weights:
+OUT/curves.png, OUT/curves.md, OUT/curves.json.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def run(args) -> int:
     from fewstep.eval.bench import bench, collect
 
     line = "fewstep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.curves:
+        return curves(args, line)
     if args.runs:
         if args.methods or args.sets or args.minutes is not None or args.max_steps is not None:
             raise FewstepError("--runs ranks finished runs; drop --methods/--set/--minutes/--max-steps")
@@ -60,6 +66,25 @@ def run(args) -> int:
     return 0
 
 
+def curves(args, line: str) -> int:
+    from pathlib import Path
+
+    from fewstep.eval.curves import curve, plot_curves, render_curves
+    from fewstep.io import atomic_write_bytes, atomic_write_json
+
+    if args.runs or args.methods or args.minutes is not None or args.max_steps is not None:
+        raise FewstepError("--curves scores finished runs; drop --runs/--methods/--minutes/--max-steps")
+    settings, out = settings_from(args), Path(args.out)
+    found = [curve(r, settings, progress=lambda m: print(m, flush=True)) for r in args.curves]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "curves.json", {"command": line, "n": settings.n, "seeds": settings.repeats,
+                                            "curves": found})  # fmt: skip
+    text = f"# FID ratio at 1 NFE against training minutes\n\n`{line}`\n\n" + render_curves(found)
+    atomic_write_bytes(out / "curves.md", text.encode())
+    print(f"curves: {plot_curves(found, out / 'curves.png')}, {out / 'curves.md'}")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="distill several methods with one budget; leaderboard + plot",
                        description=__doc__.split("\n\n", 1)[1], formatter_class=Formatter)  # fmt: skip
@@ -81,6 +106,8 @@ def register(sub) -> None:
         default=(),
         help="comma-separated run directories (or earlier bench folders: all their rows) to rank instead of training",
     )
+    p.add_argument("--curves", type=str_list, default=(),
+                   help="comma-separated runs kept with --snapshot-minutes: FID ratio against training minutes")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per method")
     p.add_argument("--max-steps", type=int, default=None, help="iteration budget per method")
     p.add_argument("--out", default="bench", help="output folder (default ./bench)")
