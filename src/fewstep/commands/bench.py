@@ -106,8 +106,12 @@ def register(sub) -> None:
         default=(),
         help="comma-separated run directories (or earlier bench folders: all their rows) to rank instead of training",
     )
-    p.add_argument("--curves", type=str_list, default=(),
-                   help="comma-separated runs kept with --snapshot-minutes: FID ratio against training minutes")
+    p.add_argument(
+        "--curves",
+        type=str_list,
+        default=(),
+        help="comma-separated runs kept with --snapshot-minutes: FID ratio against training minutes",
+    )
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget per method")
     p.add_argument("--max-steps", type=int, default=None, help="iteration budget per method")
     p.add_argument("--out", default="bench", help="output folder (default ./bench)")

@@ -110,7 +110,6 @@ def render_curves(curves: list[dict]) -> str:
         for p in c["points"]:
             by_step.setdefault(p["step"], {"minutes": p["minutes"]})[p["weights"]] = p["ratio"]
         for step, d in sorted(by_step.items()):
-            ema, raw = d.get("ema"), d.get("raw")
-            lines.append(f"| {c['name']} | {c['label']} | {d['minutes']:.1f} | {step} | "
-                         f"{'—' if ema is None else f'{ema:.2f}'} | {'—' if raw is None else f'{raw:.2f}'} |")  # fmt: skip
+            ema, raw = (("—" if d.get(w) is None else f"{d[w]:.2f}") for w in ("ema", "raw"))
+            lines.append(f"| {c['name']} | {c['label']} | {d['minutes']:.1f} | {step} | {ema} | {raw} |")
     return "\n".join(lines) + "\n"
