@@ -42,21 +42,21 @@ MUTANTS = {
         ["tests/test_faithful_defaults.py"],
     ),
     "dmd-normaliser": (
-        "methods/dmd.py",
-        "        return torch.nan_to_num((mu_fake - mu_real) / append_dims(weight, x.ndim))",
-        "        return torch.nan_to_num(mu_fake - mu_real)",
+        "losses.py",
+        "    return torch.nan_to_num((pred_fake - pred_real) / append_dims(weight, x.ndim))",
+        "    return torch.nan_to_num(pred_fake - pred_real)",
         ["tests/test_method_dmd.py"],
     ),
     "pd-weight-min-snr": (
-        "methods/progressive.py",
+        "losses.py",
         "        return sigma.pow(-2).clamp_min(1.0)",
         "        return sigma.pow(-2).clamp_max(1.0)",
         ["tests/test_method_progressive.py"],
     ),
     "denoise-no-edm-weight": (
-        "methods/denoise.py",
-        "        return (append_dims(weight, x0.ndim) * (D - x0) ** 2).flatten(1).mean(1).mean()",
-        "        return ((D - x0) ** 2).flatten(1).mean(1).mean()",
+        "losses.py",
+        "    return (edm_weight(sigma, model.sigma_data) * (D - x0).pow(2).flatten(1).mean(1)).mean()",
+        "    return (D - x0).pow(2).flatten(1).mean(1).mean()",
         ["tests/test_engine_loop.py"],
     ),
     "ctm-outer-jump-by-student": (

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, edm_weight, make_fake_score
+from fewstep.losses import edm_weight
+from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
 from fewstep.teachers.analytic import GaussianMixture
 from fewstep.teachers.native import build_model
 

@@ -9,8 +9,8 @@ from torch import nn
 from fewstep import solvers
 from fewstep.denoiser import EDMDenoiser
 from fewstep.errors import FewstepError
+from fewstep.losses import edm_weight
 from fewstep.methods import Batch, EMASpec, get_method
-from fewstep.methods._fake_score import edm_weight
 from fewstep.methods.ctm import CTMConfig
 from fewstep.networks.mlp import MLP, MLPConfig
 from fewstep.students import FlowMapStudent

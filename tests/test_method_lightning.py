@@ -8,9 +8,10 @@ import torch
 from adv_helpers import analytic_edm_teacher, mlp_denoiser, nearest_mode_distance, run
 from fewstep.errors import FewstepError
 from fewstep.methods import get_method
+from fewstep.methods._rounds import subgrid
 from fewstep.methods.base import Batch
 from fewstep.methods.lightning import Lightning, LightningConfig
-from fewstep.methods.progressive import ProgressiveConfig, ProgressiveDistillation, subgrid
+from fewstep.methods.progressive import ProgressiveConfig, ProgressiveDistillation
 from fewstep.networks.discriminator import TeacherFeatures
 from fewstep.teachers.analytic import ring2d
 

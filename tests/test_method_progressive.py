@@ -3,16 +3,9 @@ import torch
 
 from fewstep.errors import FewstepError
 from fewstep.methods import get_method
-from fewstep.methods.progressive import (
-    ProgressiveConfig,
-    ProgressiveDistillation,
-    RoundSchedule,
-    ddim_step,
-    subgrid,
-    two_step_target,
-    x0_target,
-)
-from fewstep.solvers import euler
+from fewstep.methods._rounds import RoundSchedule, pd_loss, subgrid, two_step_target, x0_target
+from fewstep.methods.progressive import ProgressiveConfig, ProgressiveDistillation
+from fewstep.solvers import ddim_step, euler
 from pd_support import batch, engine_resume_matches, same, tiny_teacher, train
 
 
@@ -57,8 +50,8 @@ def test_two_step_student_has_zero_loss(mixture64):
             return two_step_target(teacher, x, s, g_t[2 * i + 1], g_s[i + 1])
 
         x0 = mixture64.sample(64)
-        assert m.pd_loss(two_step_map, teacher, x0, n) < 1e-18
-        assert m.pd_loss(teacher, teacher, x0, n) > 1e-4
+        assert pd_loss(two_step_map, teacher, x0, n, m.fine, "snr_trunc", 0.5) < 1e-18
+        assert pd_loss(teacher, teacher, x0, n, m.fine, "snr_trunc", 0.5) > 1e-4
 
 
 def test_frozen_networks_get_no_gradient():
@@ -183,7 +176,7 @@ def test_rounds_of_different_lengths():
 
 def test_loss_weights_are_the_closed_forms():
     """Truncated SNR max(1/sigma^2, 1) (Salimans & Ho, Sec. 4), EDM's lambda, constant 1."""
-    from fewstep.methods.progressive import loss_weight
+    from fewstep.losses import loss_weight
 
     sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64)
     torch.testing.assert_close(loss_weight(sigma), torch.tensor([100.0, 4.0, 1.0, 1.0, 1.0], dtype=torch.float64))

@@ -4,9 +4,9 @@ from torch import nn
 
 from fewstep.errors import FewstepError
 from fewstep.methods import get_method
-from fewstep.methods.progressive import x0_target
-from fewstep.methods.tract import TRACT, TRACTConfig, teacher_step
-from fewstep.solvers import euler, heun
+from fewstep.methods._rounds import x0_target
+from fewstep.methods.tract import TRACT, TRACTConfig
+from fewstep.solvers import euler, heun, ode_step
 from fewstep.teachers.analytic import GaussianMixture
 from pd_support import batch, engine_resume_matches, same, tiny_teacher, train
 
@@ -20,9 +20,9 @@ def test_teacher_step_is_heun(mixture64, s0, s1):
     x = torch.randn(16, 2, dtype=torch.float64)
     full = lambda v: torch.full((16,), v, dtype=torch.float64)
     grid = torch.tensor([s0, s1], dtype=torch.float64)
-    out = teacher_step(lambda v, s: mixture64(v, s), x, full(s0), full(s1), "heun")
+    out = ode_step(mixture64, x, full(s0), full(s1), None, "heun")  # Euler where s1 = 0, as EDM's last step
     assert torch.allclose(out, heun(mixture64, x, grid), atol=1e-12, rtol=0)
-    out = teacher_step(lambda v, s: mixture64(v, s), x, full(s0), full(s1), "ddim")
+    out = ode_step(mixture64, x, full(s0), full(s1), None, "ddim")
     assert torch.allclose(out, euler(mixture64, x, grid), atol=1e-12, rtol=0)
 
 

@@ -8,6 +8,12 @@
 
 Every solver's number of network evaluations (NFE) for a grid is given by ``nfe(name, steps)``;
 :func:`sample` counts the evaluations it actually made and returns them.
+
+Per-sample steps (the training losses draw a different pair of levels for every sample):
+:func:`ode_step` (Heun = Karras et al. 2022 Algorithm 1 without churn, the CM/CTM reference code's
+``heun_solver``, with an Euler last step to 0 as EDM; Euler = deterministic DDIM) and
+:func:`ddim_step` from a given x0 prediction; :func:`ddim_sample` runs DDIM along a grid with an
+x0-function (a student with its own conditioning bound in).
 """
 
 from __future__ import annotations
@@ -186,9 +192,38 @@ def sample(
     return x, counter.nfe
 
 
-def renoise(x0: Tensor, sigma: Tensor | float, noise: Tensor) -> Tensor:
-    """``x = x0 + sigma * eps`` with per-sample or scalar sigma."""
-    sigma = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
-    if sigma.ndim == 0:
-        return x0 + sigma * noise
-    return x0 + append_dims(sigma, x0.ndim) * noise
+# --- per-sample steps ------------------------------------------------------------------------------
+STEPPERS = ("heun", "euler", "ddim")
+X0Fn = Callable[[Tensor, Tensor], Tensor]  # (x, sigma (B,)) -> x0_hat
+
+
+def ddim_step(x: Tensor, x0: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """Deterministic DDIM (= Euler in sigma-space): ``x' = x0 + (s'/s)(x - x0)``; per-sample sigmas."""
+    ratio = append_dims(sigma_next / sigma, x.ndim)
+    return x0 + ratio * (x - x0)
+
+
+def ode_step(den: Callable[..., Tensor], x: Tensor, t: Tensor, t_next: Tensor, cond: Any = None,
+             solver: str = "heun") -> Tensor:  # fmt: skip
+    """Move ``x`` from noise level ``t`` to ``t_next`` (both ``(B,)``) with ``den(x, sigma, cond)``:
+    ``heun`` where ``t_next > 0`` and an Euler step where ``t_next = 0``; ``euler``/``ddim``: Euler."""
+    ti, tn = append_dims(t, x.ndim), append_dims(t_next, x.ndim)
+    d = (x - den(x, t, cond)) / ti
+    x_euler = x + (tn - ti) * d
+    if solver in ("euler", "ddim"):
+        return x_euler
+    if solver != "heun":
+        raise FewstepError(f"unknown teacher solver {solver!r}; use one of {', '.join(STEPPERS)}")
+    safe = torch.where(t_next > 0, t_next, t)  # the Heun correction is discarded where t_next = 0
+    d_next = (x_euler - den(x_euler, safe, cond)) / append_dims(safe, x.ndim)
+    return torch.where(tn > 0, x + (tn - ti) * (d + d_next) / 2, x_euler)
+
+
+@torch.no_grad()
+def ddim_sample(model: X0Fn, noise: Tensor, grid: Tensor) -> Tensor:
+    """DDIM along a decreasing ``grid`` (ending in 0) from ``grid[0] * noise``."""
+    x = noise * float(grid[0])
+    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
+        sigma = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
+        x = ddim_step(x, model(x, sigma), sigma, torch.full_like(sigma, s_next))
+    return x

@@ -53,6 +53,26 @@ def copy_teacher(teacher: Denoiser, extra_dims: int = 0) -> EDMDenoiser:
     return student
 
 
+def set_dropout(module: nn.Module, p: float | None) -> None:
+    """Set the dropout rate of every layer inside a student or fake score (``None`` keeps what the
+    teacher copy has): ``nn.Dropout`` layers (diffusers networks), fewstep blocks with a float
+    ``dropout`` attribute, and fewstep network configs (so a saved student records it)."""
+    if p is None:
+        return
+    if not 0.0 <= p < 1.0:
+        raise FewstepError(f"dropout must lie in [0, 1), got {p}")
+    import dataclasses
+
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = p
+        config = getattr(m, "config", None)
+        if dataclasses.is_dataclass(config) and isinstance(getattr(config, "dropout", None), float):
+            config.dropout = p
+
+
 def consistency_student(teacher: Denoiser, extra_dims: int = 0) -> nn.Module:
     """The consistency student of ``teacher``: :class:`ConsistencyStudent` over a teacher copy, or
     the teacher's own ``consistency_student(extra_dims)`` (a diffusers teacher's LCM student,

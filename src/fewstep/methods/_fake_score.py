@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims, as_sigma
+from fewstep.denoiser import Denoiser, EDMDenoiser
 from fewstep.errors import FewstepError
-from fewstep.schedules import karras_sigmas
+from fewstep.losses import edm_loss
+from fewstep.schedules import ascending_karras
 from fewstep.teachers.analytic import GaussianMixture
 
 
@@ -59,24 +60,14 @@ def make_fake_score(teacher: Denoiser) -> Denoiser:
     )
 
 
-def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
-    """EDM's loss weight ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2`` (Table 1)."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-
-
 def dsm_loss(fake: Denoiser, x0: Tensor, cond: Any, sigma: Tensor, noise: Tensor | None = None) -> Tensor:
     """EDM-weighted denoising score matching of ``fake`` on clean samples ``x0`` at levels ``sigma``.
 
     ``x0`` should already be detached (the generator gets no gradient from this loss); it is
-    detached again here to make that impossible to forget. Returns the batch mean of
-    ``lambda(sigma) * mean_pixels (D(x0 + sigma eps, sigma) - x0)^2``.
+    detached again here to make that impossible to forget. :func:`fewstep.losses.edm_loss`: the batch
+    mean of ``lambda(sigma) * mean_pixels (D(x0 + sigma eps, sigma) - x0)^2``.
     """
-    x0 = x0.detach()
-    sigma = as_sigma(sigma, x0)
-    eps = torch.randn_like(x0) if noise is None else noise
-    x_t = x0 + append_dims(sigma, x0.ndim) * eps
-    err = (fake(x_t, sigma, cond) - x0).pow(2).flatten(1).mean(1)  # (B,)
-    return (edm_weight(sigma, fake.sigma_data) * err).mean()
+    return edm_loss(fake, x0.detach(), cond, sigma, noise)
 
 
 @contextmanager
@@ -132,7 +123,7 @@ class KarrasSigmaSampler:
     ) -> KarrasSigmaSampler:
         if not 0.0 <= lo <= hi <= 1.0:
             raise FewstepError(f"sigma range fractions must satisfy 0 <= lo <= hi <= 1, got lo={lo}, hi={hi}")
-        grid = karras_sigmas(num_steps, model.sigma_min, model.sigma_max, rho)[:-1].flip(0).float()
+        grid = ascending_karras(num_steps, model.sigma_min, model.sigma_max, rho).float()
         return cls(grid, int(lo * num_steps), min(int(hi * num_steps), num_steps - 1))
 
     def __call__(self, n: int, device: torch.device | str | None = None) -> Tensor:
@@ -140,4 +131,4 @@ class KarrasSigmaSampler:
         return self.sigmas[idx].to(device)
 
 
-__all__ = ["KarrasSigmaSampler", "dsm_loss", "edm_weight", "eval_mode", "make_fake_score", "shared_dropout"]
+__all__ = ["KarrasSigmaSampler", "dsm_loss", "eval_mode", "make_fake_score", "shared_dropout"]

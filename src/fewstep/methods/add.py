@@ -56,10 +56,9 @@ from fewstep.methods._adversarial import (
     sd_levels,
     sd_sigmas,
 )
-from fewstep.methods._trajectory import set_dropout
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, d_loss, g_loss, no_param_grad, r1_on
-from fewstep.students import copy_teacher
+from fewstep.students import copy_teacher, set_dropout
 
 
 @dataclass

@@ -33,14 +33,13 @@ Family = Literal["output", "trajectory", "adversarial"]
 class Batch:
     """One training batch. ``x`` is real (or teacher-generated) data when the method needs data,
     else ``None``; ``labels`` are class labels (the null label allowed) or ``None``; ``size`` is the
-    per-process batch size; ``extra`` carries anything a data source adds (e.g. stored noise);
-    ``device`` is where the engine placed the networks (draw noise there when ``x`` is ``None``)."""
+    per-process batch size; ``extra`` carries anything a data source adds (e.g. stored noise).
+    Methods draw noise on their student's device when ``x`` is ``None``."""
 
     size: int
     x: Tensor | None = None
     labels: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
-    device: torch.device | str = "cpu"
 
 
 @dataclass

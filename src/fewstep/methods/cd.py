@@ -52,16 +52,14 @@ from fewstep.guidance import cfg
 from fewstep.methods import Batch, EMASpec, Method, OptimizerSpec, register
 from fewstep.methods._trajectory import (
     DISTANCES,
-    STEPPERS,
-    ascending_grid,
     check_option,
     distance,
     expand_like,
-    ode_step,
     sampling_sigmas,
-    set_dropout,
 )
-from fewstep.students import consistency_student
+from fewstep.schedules import ascending_karras
+from fewstep.solvers import STEPPERS, ode_step
+from fewstep.students import consistency_student, set_dropout
 
 
 @dataclass
@@ -111,7 +109,7 @@ class ConsistencyDistillation(Method):
         self.student = student if student is not None else consistency_student(teacher, extra_dims)
         set_dropout(self.student, c.dropout)
         self.target = copy.deepcopy(self.student).requires_grad_(False)  # theta^-
-        self.grid = ascending_grid(c.num_scales, teacher.sigma_min, teacher.sigma_max, c.rho)  # t_1 < ... < t_N
+        self.grid = ascending_karras(c.num_scales, teacher.sigma_min, teacher.sigma_max, c.rho)  # t_1 < ... < t_N
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student}

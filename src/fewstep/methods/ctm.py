@@ -61,20 +61,18 @@ from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
+from fewstep.losses import edm_weight
 from fewstep.methods import Batch, EMASpec, Method, OptimizerSpec, register
-from fewstep.methods._fake_score import edm_weight
 from fewstep.methods._trajectory import (
     DISTANCES,
-    STEPPERS,
     check_option,
     distance,
     expand_like,
-    ode_step,
     sampling_sigmas,
-    set_dropout,
 )
 from fewstep.schedules import karras_sigmas
-from fewstep.students import FlowMapStudent, copy_teacher
+from fewstep.solvers import STEPPERS, ode_step
+from fewstep.students import FlowMapStudent, copy_teacher, set_dropout
 
 
 @dataclass

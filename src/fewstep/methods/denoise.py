@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.denoiser import Denoiser, append_dims
+from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.losses import edm_loss
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.students import copy_teacher
@@ -81,10 +82,7 @@ class Denoise(Method):
 
     def edm_loss(self, x0: Tensor, labels: Tensor | None, sigma: Tensor, noise: Tensor) -> Tensor:
         """EDM Eq. 2 with Table 1's lambda, averaged over pixels and the batch."""
-        sd = self.student.sigma_data
-        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-        D = self.student(x0 + append_dims(sigma, x0.ndim) * noise, sigma, labels)
-        return (append_dims(weight, x0.ndim) * (D - x0) ** 2).flatten(1).mean(1).mean()
+        return edm_loss(self.student, x0, labels, sigma, noise)
 
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         if batch.x is None:

@@ -38,18 +38,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
+from fewstep.losses import REGRESSION, dm_gradient, dm_loss, regression_loss
 from fewstep.methods import register
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, eval_mode, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.methods.kd import LOSSES, regression_loss
-from fewstep.methods.progressive import set_dropout
 from fewstep.pairs import Pairs, check_pairs_fit, ensure_pairs
-from fewstep.students import OneStepGenerator, copy_teacher
+from fewstep.students import OneStepGenerator, copy_teacher, set_dropout
 
 
 @dataclass
@@ -91,8 +89,8 @@ class DMD(Method):
     ) -> None:
         super().__init__(teacher, config)
         c = self.config
-        if c.reg_loss not in LOSSES:
-            raise FewstepError(f"unknown regression loss {c.reg_loss!r}; use one of {', '.join(LOSSES)}")
+        if c.reg_loss not in REGRESSION:
+            raise FewstepError(f"unknown regression loss {c.reg_loss!r}; use one of {', '.join(REGRESSION)}")
         if c.fake_updates < 1:
             raise FewstepError(f"fake_updates must be >= 1, got {c.fake_updates}")
         sigma_init = c.sigma_init if c.sigma_init is not None else teacher.sigma_max
@@ -139,13 +137,11 @@ class DMD(Method):
         mu_real = self.real_score(x_t, sigma, cond)
         with eval_mode(self.fake_score):  # a score estimate, as the frozen teacher's: no dropout noise
             mu_fake = self.fake_score(x_t, sigma, cond)
-        weight = (x - mu_real).abs().flatten(1).mean(1)  # (B,) Eq. 8's ||mu_base - x||_1 / (C S)
-        return torch.nan_to_num((mu_fake - mu_real) / append_dims(weight, x.ndim))
+        return dm_gradient(x, mu_real, mu_fake)
 
     def dm_loss(self, x: Tensor, cond: Any) -> Tensor:
         """``0.5 || x - sg(x - grad) ||^2`` (pixel mean): its gradient in ``x`` is ``grad / numel``."""
-        grad = self.dm_gradient(x.detach(), cond)
-        return 0.5 * F.mse_loss(x, (x - grad).detach())
+        return dm_loss(x, self.dm_gradient(x.detach(), cond))
 
     def _noise_and_labels(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         device = next(self.student.parameters()).device

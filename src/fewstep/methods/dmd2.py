@@ -45,17 +45,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
+from fewstep.losses import dm_gradient, dm_loss
 from fewstep.methods import register
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.methods.progressive import set_dropout
 from fewstep.networks.discriminator import TeacherFeatures, d_loss, g_loss, no_param_grad
-from fewstep.students import copy_teacher
+from fewstep.students import copy_teacher, set_dropout
 
 
 @dataclass
@@ -193,9 +192,7 @@ class DMD2(Method):
             x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
             pred_real = self.real_score(x_t, sigma, cond)
             pred_fake = self.fake_score(x_t, sigma, cond)
-            weight = (x - pred_real).abs().flatten(1).mean(1)
-            grad = torch.nan_to_num((pred_fake - pred_real) / append_dims(weight, x.ndim))
-        return 0.5 * F.mse_loss(x, (x - grad).detach())
+        return dm_loss(x, dm_gradient(x, pred_real, pred_fake))
 
     def logits(self, x: Tensor, cond: Any) -> Tensor:
         """Classifier logits ("real") at a diffusion-GAN noise level (edm_guidance.py)."""

@@ -28,24 +28,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
+from fewstep.losses import loss_weight, weighted_mse
 from fewstep.methods import register
+from fewstep.methods._rounds import RoundConfig, RoundMethod, pd_loss
 from fewstep.methods.base import Batch
-from fewstep.methods.progressive import (
-    ProgressiveConfig,
-    ProgressiveDistillation,
-    ddim_sample,
-    loss_weight,
-    weighted_mse,
-)
+from fewstep.solvers import ddim_sample
 
 
 @dataclass
-class GuidedConfig(ProgressiveConfig):
+class GuidedConfig(RoundConfig):
     w_min: float = 1.0  # fewstep scale; the paper's w' = w - 1 in [0, 4]
     w_max: float = 5.0
     stage_one_steps: int = 500
@@ -53,7 +49,7 @@ class GuidedConfig(ProgressiveConfig):
 
 
 @register
-class GuidedDistillation(ProgressiveDistillation):
+class GuidedDistillation(RoundMethod):
     name = "guided"
     family = "trajectory"
     paper = "2210.03142"
@@ -67,17 +63,9 @@ class GuidedDistillation(ProgressiveDistillation):
         config = config if config is not None else GuidedConfig()
         if not config.w_min <= config.w_max:
             raise FewstepError(f"w_min ({config.w_min}) must not exceed w_max ({config.w_max})")
-        super().__init__(teacher, config, extra_dims=1)
-
-    # stage one is "round -1": it produces the start_steps-step w-conditioned model
-    def _offset(self) -> int:
-        return self.config.stage_one_steps
-
-    def _kept_counts(self) -> list[int]:
-        return self.counts[:-1]
-
-    def round_teacher(self, r: int) -> nn.Module:
-        return getattr(self, f"student_{self.schedule.teacher_steps(r)}")
+        # stage one is "round -1" (the first stage_one_steps iterations): it produces the
+        # start_steps-step w-conditioned model, kept as student_<start_steps> and round 0's teacher
+        super().__init__(teacher, config, extra_dims=1, offset=config.stage_one_steps, keep_first=True)
 
     def draw_w(self, n: int, device=None) -> Tensor:
         c = self.config
@@ -111,11 +99,14 @@ class GuidedDistillation(ProgressiveDistillation):
             return {"student": weighted_mse(pred, target, weight)}
         teacher = self.round_teacher(r)  # stage two: progressive distillation at the same w
         return {
-            "student": self.pd_loss(
+            "student": pd_loss(
                 lambda x, s: self.student(x, s, labels, extra=w),
                 lambda x, s: teacher(x, s, labels, extra=w),
                 x0,
                 self.schedule.student_steps(r),
+                self.fine,
+                self.config.weighting,
+                self.teacher.sigma_data,
             )
         }
 

@@ -30,23 +30,11 @@ from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.losses import REGRESSION, regression_loss
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.methods.progressive import set_dropout
 from fewstep.pairs import Pairs, check_pairs_fit, ensure_pairs
-from fewstep.students import OneStepGenerator, copy_teacher
-
-LOSSES = ("l2", "l1")
-
-
-def regression_loss(pred: Tensor, target: Tensor, kind: str = "l2") -> Tensor:
-    """Mean over the batch of the per-sample pixel-mean L2 (squared) or L1 error."""
-    diff = (pred - target).flatten(1)
-    if kind == "l2":
-        return diff.pow(2).mean(1).mean()
-    if kind == "l1":
-        return diff.abs().mean(1).mean()
-    raise FewstepError(f"unknown regression loss {kind!r}; use l2 or l1 (LPIPS needs downloaded VGG weights)")
+from fewstep.students import OneStepGenerator, copy_teacher, set_dropout
 
 
 @dataclass
@@ -83,8 +71,8 @@ class KD(Method):
     ) -> None:
         super().__init__(teacher, config)
         c = self.config
-        if c.loss not in LOSSES:
-            raise FewstepError(f"unknown KD loss {c.loss!r}; use one of {', '.join(LOSSES)}")
+        if c.loss not in REGRESSION:
+            raise FewstepError(f"unknown KD loss {c.loss!r}; use one of {', '.join(REGRESSION)}")
         sigma_init = c.sigma_init if c.sigma_init is not None else teacher.sigma_max
         self.student = student if student is not None else OneStepGenerator(copy_teacher(teacher), sigma_init)
         set_dropout(self.student, c.dropout)

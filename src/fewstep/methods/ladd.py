@@ -46,11 +46,10 @@ from fewstep.methods._adversarial import (
     rf_levels,
     sd_levels,
 )
-from fewstep.methods._trajectory import set_dropout
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, approx_r1_penalty, d_loss, g_loss, no_param_grad
 from fewstep.pairs import Pairs, ensure_pairs
-from fewstep.students import copy_teacher
+from fewstep.students import copy_teacher, set_dropout
 
 
 @dataclass

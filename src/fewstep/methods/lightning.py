@@ -1,6 +1,6 @@
 """Progressive adversarial distillation, the SDXL-Lightning recipe (Lin, Wang & Yang 2024, arXiv 2402.13929).
 
-Progressive distillation (Salimans & Ho 2022; :mod:`fewstep.methods.progressive`) halves the
+Progressive distillation (Salimans & Ho 2022; :mod:`fewstep.methods._rounds`) halves the
 number of DDIM steps round by round: a ``n``-step student learns to land where its ``2n``-step
 teacher (the previous round's student) lands after two steps, ``x_t -> x_{t-ns}``. SDXL-Lightning
 keeps the rounds but replaces the squared error, which blurs when the student cannot match the
@@ -32,31 +32,25 @@ rounds (the paper does not give them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
+from fewstep.losses import loss_weight, weighted_mse
 from fewstep.methods import register
 from fewstep.methods._adversarial import feature_network
-from fewstep.methods._trajectory import set_dropout
+from fewstep.methods._rounds import RoundConfig, RoundMethod, subgrid, two_step_target, x0_target
 from fewstep.methods.base import Batch, OptimizerSpec
-from fewstep.methods.progressive import (
-    ProgressiveConfig,
-    ProgressiveDistillation,
-    ddim_step,
-    loss_weight,
-    subgrid,
-    two_step_target,
-    weighted_mse,
-    x0_target,
-)
 from fewstep.networks.discriminator import Discriminator, d_loss, g_loss, no_param_grad
+from fewstep.solvers import ddim_sample, ddim_step
+from fewstep.students import set_dropout
 
 
 @dataclass
-class LightningConfig(ProgressiveConfig):
+class LightningConfig(RoundConfig):
     start_steps: int = 32  # paper: 128 (its first stage goes 128 -> 32 with MSE)
     end_steps: int = 1
     steps_per_round: int = 500
@@ -89,7 +83,7 @@ class PairDiscriminator(nn.Module):
 
 
 @register
-class Lightning(ProgressiveDistillation):
+class Lightning(RoundMethod):
     name = "lightning"
     family = "adversarial"
     paper = "2402.13929"
@@ -98,7 +92,7 @@ class Lightning(ProgressiveDistillation):
     Config = LightningConfig
 
     def __init__(self, teacher: Denoiser, config: LightningConfig | None = None, features: nn.Module | None = None):
-        super().__init__(teacher, config)
+        super().__init__(teacher, config if config is not None else LightningConfig())
         c = self.config
         if not 0 <= c.cond_fraction <= 1:
             raise FewstepError(f"cond_fraction must lie in [0, 1], got {c.cond_fraction}")
@@ -165,3 +159,10 @@ class Lightning(ProgressiveDistillation):
                     adv = g_loss(D(x_hat, s_next, labels, x, s, cond), c.gan_loss)
                 out["student"] = adv + c.mse_weight * mse if c.mse_weight > 0 else adv
         return out
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
+        """DDIM with the student trained for ``steps`` steps on its own grid (the ``k``-step student
+        of each round stays evaluable; Sec. 3: the student samples like its PD teacher)."""
+        net, grid = self.model_for(steps)
+        return ddim_sample(lambda x, s: net(x, s, cond), noise, grid)

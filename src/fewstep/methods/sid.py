@@ -45,10 +45,9 @@ from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods._fake_score import dsm_loss, eval_mode, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.methods.progressive import set_dropout
 from fewstep.networks.discriminator import no_param_grad
 from fewstep.schedules import sample_lognormal
-from fewstep.students import OneStepGenerator, copy_teacher
+from fewstep.students import OneStepGenerator, copy_teacher, set_dropout
 
 
 @dataclass

@@ -39,22 +39,13 @@ from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
+from fewstep.losses import loss_weight, weighted_mse
 from fewstep.methods import register
+from fewstep.methods._rounds import RoundEMA, RoundSchedule, frozen_copy, kept_student, x0_target
 from fewstep.methods.base import Batch, EMASpec, Method, OptimizerSpec
-from fewstep.methods.progressive import (
-    RoundEMA,
-    RoundSchedule,
-    ddim_sample,
-    ddim_step,
-    frozen_copy,
-    kept_student,
-    loss_weight,
-    set_dropout,
-    weighted_mse,
-    x0_target,
-)
 from fewstep.schedules import karras_sigmas
-from fewstep.students import copy_teacher
+from fewstep.solvers import ddim_sample, ddim_step, ode_step
+from fewstep.students import copy_teacher, set_dropout
 
 
 @dataclass
@@ -69,23 +60,6 @@ class TRACTConfig:
     grad_clip: float | None = 1.0
     dropout: float | None = 0.0  # the student's dropout (tc_distill_edm.py's flag default: 0)
     rho: float = 7.0
-
-
-@torch.no_grad()
-def teacher_step(den: Any, x: Tensor, s0: Tensor, s1: Tensor, solver: str = "heun") -> Tensor:
-    """One teacher step ``s0 -> s1`` per sample; ``den(x, sigma) -> x0``. Heun (Karras et al. 2022,
-    Algorithm 1) where ``s1 > 0``, DDIM/Euler to ``s1 = 0`` as EDM's last step."""
-    x0 = den(x, s0)
-    x_euler = ddim_step(x, x0, s0, s1)
-    if solver == "ddim":
-        return x_euler
-    if solver != "heun":
-        raise FewstepError(f"unknown teacher_solver {solver!r}; use heun or ddim")
-    s1_safe = torch.where(s1 > 0, s1, s0)  # the Heun correction is discarded where s1 = 0
-    d0 = (x - x0) / append_dims(s0, x.ndim)
-    d1 = (x_euler - den(x_euler, s1_safe)) / append_dims(s1_safe, x.ndim)
-    x_heun = x + append_dims(s1 - s0, x.ndim) * (d0 + d1) / 2
-    return torch.where(append_dims(s1 > 0, x.ndim), x_heun, x_euler)
 
 
 @register
@@ -149,7 +123,7 @@ class TRACT(Method):
         s0, s1, s2 = fine[j[0]], fine[j[1]], fine[j[2]]
         teacher, solver = self.phase_teacher(p)
         with torch.no_grad():
-            x1 = teacher_step(lambda v, s: teacher(v, s, labels), x, s0, s1, solver)
+            x1 = ode_step(teacher, x, s0, s1, labels, solver)
             s1_safe = torch.where(s1 > 0, s1, s0)
             x2 = ddim_step(x1, self.self_teacher(x1, s1_safe, labels), s1, s2)
             x2 = torch.where(append_dims(j[1] == j[2], x.ndim), x1, x2)

@@ -44,10 +44,9 @@ from fewstep.methods._adversarial import (
     renoise_sample,
     sd_levels,
 )
-from fewstep.methods._trajectory import set_dropout
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, d_loss, g_loss, no_param_grad, r1_on
-from fewstep.students import copy_teacher
+from fewstep.students import copy_teacher, set_dropout
 
 
 @dataclass

@@ -13,7 +13,7 @@ What a method can rely on (the contract of :mod:`fewstep.methods.base`, as the e
 - **Batches.** ``batch.size`` is the per-process micro-batch (``--batch`` / processes /
   ``grad_accum``); ``batch.x`` holds real data when ``method.needs_data`` (read on the instance,
   so a config may switch it) else ``None``; ``batch.labels`` are uniform class labels (data labels
-  with data) or ``None`` for an unconditional teacher; ``batch.device`` is where the networks live.
+  with data) or ``None`` for an unconditional teacher; noise is drawn on the student's device.
 - **Backward.** Each returned loss is back-propagated into the parameters of its own optimizer only
   (``backward(inputs=...)``, graph retained between losses), so gradients never leak between
   optimizers and losses may share a graph. All backward passes of an iteration happen before any

@@ -71,14 +71,14 @@ class Feeder:
         elif self.num_classes:
             draw = torch.randint(self.num_classes, (n,), generator=self.generator)
         else:
-            return [Batch(self.batch, None, None, device=self.device) for _ in range(self.accum)]
+            return [Batch(self.batch, None, None) for _ in range(self.accum)]
         batches = []
         for m in range(self.accum):
             start = (m * self.world + self.rank) * self.batch
             mine = draw[start : start + self.batch].to(self.device)
             if self.x is None:
-                batches.append(Batch(self.batch, None, mine, device=self.device))
+                batches.append(Batch(self.batch, None, mine))
             else:
                 labels = self.labels[mine] if self.labels is not None else None
-                batches.append(Batch(self.batch, self.x[mine], labels, device=self.device))
+                batches.append(Batch(self.batch, self.x[mine], labels))
         return batches
