@@ -10,9 +10,10 @@ from fewstep.data import Dataset
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors
 from fewstep.methods import get_method
-from fewstep.methods._adversarial import few_step_levels, renoise_sample, sd_levels, sd_sigmas
+from fewstep.methods._adversarial import few_step_levels, sd_levels, sd_sigmas
 from fewstep.methods.add import ADD, ADDConfig
 from fewstep.methods.base import Batch
+from fewstep.solvers import renoise_sample
 from fewstep.teachers.analytic import ring2d
 from fewstep.train import checkpoint as ckpt
 from fewstep.train.loop import train

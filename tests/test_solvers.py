@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fewstep import solvers
-from fewstep.denoiser import NFECounter
+from fewstep.denoiser import CallCounter
 from fewstep.errors import FewstepError
 from fewstep.schedules import karras_sigmas
 from fewstep.teachers.analytic import GaussianMixture
@@ -75,14 +75,14 @@ def test_euler_equals_ddim_update(mixture64):
 
 def test_callback_and_counter(mixture64):
     seen = []
-    counter = NFECounter(mixture64)
-    solvers.heun(
-        counter,
-        torch.randn(2, 2, dtype=torch.float64) * 80,
-        karras_sigmas(4, 0.002, 80.0),
-        callback=lambda i, x, x0, s: seen.append(i),
-    )
-    assert seen == [0, 1, 2, 3] and counter.nfe == 7
+    with CallCounter(mixture64) as counter:
+        solvers.heun(
+            mixture64,
+            torch.randn(2, 2, dtype=torch.float64) * 80,
+            karras_sigmas(4, 0.002, 80.0),
+            callback=lambda i, x, x0, s: seen.append(i),
+        )
+    assert seen == [0, 1, 2, 3] and counter.calls == 7
 
 
 def test_bad_solver_and_steps():

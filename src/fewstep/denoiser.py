@@ -103,16 +103,20 @@ class EDMDenoiser(Denoiser):
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * F_x
 
 
-class NFECounter(Denoiser):
-    """Wrap a denoiser and count its network evaluations (one per batched call)."""
+class CallCounter:
+    """Counts the forward calls of a module — its network evaluations, one per batched call — with a
+    forward pre-hook, so it also counts a network held inside another object (a method's student).
+    A context manager: the hook is removed on exit (``calls`` stays readable)."""
 
-    def __init__(self, inner: Denoiser) -> None:
-        super().__init__()
-        self.inner = inner
-        self.nfe = 0
-        for name in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, name, getattr(inner, name, getattr(Denoiser, name)))
+    def __init__(self, module: nn.Module) -> None:
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, **kwargs: Any) -> Tensor:
-        self.nfe += 1
-        return self.inner(x, sigma, cond, **kwargs)
+    def _hook(self, *_: Any) -> None:
+        self.calls += 1
+
+    def __enter__(self) -> CallCounter:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.handle.remove()

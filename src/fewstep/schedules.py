@@ -51,6 +51,14 @@ def sample_lognormal(
     return (torch.randn(n, generator=generator) * p_std + p_mean).exp()
 
 
+def sample_logit_normal(
+    n: int, m: float = 0.0, s: float = 1.0, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """SD3's logit-normal density of rectified-flow time: ``t = sigmoid(m + s u)``, ``u ~ N(0, 1)``
+    (Esser et al. 2024, Sec. 3.1; LADD's discriminator levels, Sauer et al. 2024, Sec. 3.2)."""
+    return torch.sigmoid(torch.randn(n, device=device, dtype=dtype) * s + m)
+
+
 # --- curricula -----------------------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ Per-sample steps (the training losses draw a different pair of levels for every 
 :func:`ode_step` (Heun = Karras et al. 2022 Algorithm 1 without churn, the CM/CTM reference code's
 ``heun_solver``, with an Euler last step to 0 as EDM; Euler = deterministic DDIM) and
 :func:`ddim_step` from a given x0 prediction; :func:`ddim_sample` runs DDIM along a grid with an
-x0-function (a student with its own conditioning bound in).
+x0-function (a student with its own conditioning bound in); :func:`renoise_sample` is the few-step
+sampler of consistency models and ADD-style students (denoise, re-noise with fresh noise, repeat).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fewstep.denoiser import Denoiser, NFECounter, append_dims
+from fewstep.denoiser import CallCounter, Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.schedules import karras_sigmas
 
@@ -187,9 +188,9 @@ def sample(
     fn = get_solver(solver)
     if sigmas is None:
         sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
-    counter = NFECounter(denoiser)
-    x = fn(counter, noise * float(sigmas[0]), sigmas, cond)
-    return x, counter.nfe
+    with CallCounter(denoiser) as counter:
+        x = fn(denoiser, noise * float(sigmas[0]), sigmas, cond)
+    return x, counter.calls
 
 
 # --- per-sample steps ------------------------------------------------------------------------------
@@ -227,3 +228,19 @@ def ddim_sample(model: X0Fn, noise: Tensor, grid: Tensor) -> Tensor:
         sigma = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
         x = ddim_step(x, model(x, sigma), sigma, torch.full_like(sigma, s_next))
     return x
+
+
+@torch.no_grad()
+def renoise_sample(denoiser: Callable[..., Tensor], noise: Tensor, levels: list[float], cond: Any = None,
+                   extra: Tensor | None = None, sigma_min: float | None = None) -> Tensor:  # fmt: skip
+    """``x0 = D(s_0 z, s_0)``; then ``x0 = D(x0 + std_i eps_i, s_i)`` for the other levels, with fresh
+    noise each time: multistep consistency sampling (Song et al. 2023, arXiv 2303.01469, Algorithm 1:
+    ``std_i = sqrt(s_i^2 - sigma_min^2)``) and the sampler of ADD, LADD, UFOGen and DMD2's multi-step
+    student (``std_i = s_i``, ``sigma_min=None``). ``extra`` is passed on to the student (LCM's w')."""
+    kw = {} if extra is None else {"extra": extra}
+    sigma = torch.full((noise.shape[0],), float(levels[0]), device=noise.device, dtype=noise.dtype)
+    x0 = denoiser(noise * levels[0], sigma, cond, **kw)
+    for s in levels[1:]:
+        std = s if sigma_min is None else (s**2 - sigma_min**2) ** 0.5
+        x0 = denoiser(x0 + std * torch.randn_like(x0), torch.full_like(sigma, float(s)), cond, **kw)
+    return x0

@@ -8,48 +8,46 @@ import torch
 from fewstep.errors import FewstepError
 
 
+def _labels(seeds, num_classes: int, label: int | None):
+    """The seeded labels of ``seeds`` (``label`` for all when given), checked."""
+    from fewstep.seeding import seeded_labels
+
+    if label is not None and not (0 <= label < max(num_classes, 1)):
+        raise FewstepError(f"--label must lie in [0, {num_classes - 1}] for this model")
+    y = seeded_labels(list(seeds), num_classes)
+    return torch.full_like(y, label) if (y is not None and label is not None) else y
+
+
 def generate(model, seeds, solver: str, steps: int, label: int | None, guidance: float, batch: int = 256):
     """Seeded samples of a denoiser: returns ``(samples, labels, nfe_per_sample)``."""
+    from fewstep.eval.sampling import generate as seeded
     from fewstep.guidance import cfg
-    from fewstep.seeding import batches, seeded_labels, seeded_noise
     from fewstep.solvers import sample
 
     if guidance != 1.0 and not model.num_classes:
         raise FewstepError("--guidance needs a class-conditional model; this one has no labels")
-    if label is not None and not (0 <= label < max(model.num_classes, 1)):
-        raise FewstepError(f"--label must lie in [0, {model.num_classes - 1}] for this model")
+    labels = _labels(seeds, model.num_classes, label)
     den = cfg(model, guidance) if model.num_classes else model
-    xs, ys, nfe = [], [], 0
-    for chunk in batches(seeds, batch):
-        noise = seeded_noise(chunk, model.sample_shape)
-        y = seeded_labels(chunk, model.num_classes)
-        if y is not None and label is not None:
-            y = torch.full_like(y, label)
-        x, nfe = sample(den, noise, solver, steps, y)
-        xs.append(x)
-        ys.append(y)
-    labels = torch.cat(ys) if ys and ys[0] is not None else None
-    return torch.cat(xs), labels, nfe
+    counted = [0]  # evaluations per sample, as counted (the adaptive reference solver has no formula)
+
+    def fn(z, y):
+        x, counted[0] = sample(den, z, solver, steps, y)
+        return x
+
+    x, _ = seeded(fn, seeds, model.sample_shape, model.num_classes, batch, labels)
+    return x, labels, counted[0]
 
 
 def generate_student(method, seeds, steps: int, label: int | None, batch: int = 256):
     """Seeded samples of a run's student with ``method.sample``: ``(samples, labels, steps)``."""
-    from fewstep.seeding import batches, seeded_labels, seeded_noise
+    from fewstep.eval.sampling import generate as seeded
 
-    num_classes = method.teacher.num_classes
-    if label is not None and not (0 <= label < max(num_classes, 1)):
-        raise FewstepError(f"--label must lie in [0, {num_classes - 1}] for this model")
+    t = method.teacher
+    labels = _labels(seeds, t.num_classes, label)
     device = next(method.student.parameters()).device
-    xs, ys = [], []
-    for chunk in batches(seeds, batch):
-        noise = seeded_noise(chunk, method.teacher.sample_shape).to(device)
-        y = seeded_labels(chunk, num_classes)
-        if y is not None and label is not None:
-            y = torch.full_like(y, label)
-        xs.append(method.sample(noise, steps, cond=None if y is None else y.to(device)).cpu())
-        ys.append(y)
-    labels = torch.cat(ys) if ys and ys[0] is not None else None
-    return torch.cat(xs), labels, steps
+    fn = lambda z, y: method.sample(z.to(device), steps, cond=None if y is None else y.to(device)).cpu()  # noqa: E731
+    x, _ = seeded(fn, seeds, t.sample_shape, t.num_classes, batch, labels)
+    return x, labels, steps
 
 
 def run_student(args) -> int:

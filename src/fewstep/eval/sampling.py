@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.denoiser import Denoiser
+from fewstep.denoiser import CallCounter, Denoiser
 from fewstep.errors import FewstepError
 from fewstep.seeding import batches, seeded_labels, seeded_noise
 
@@ -57,17 +57,6 @@ def teacher_sampler(model: Denoiser, solver: str, nfe: int, guidance: float = 1.
                    solver)  # fmt: skip
 
 
-class _CallCounter:
-    """Counts forward calls of a module (one per batched network evaluation)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.calls = 0
-        self.handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_: Any) -> None:
-        self.calls += 1
-
-
 def student_sampler(method: Any, steps: int, name: str | None = None) -> Sampler:
     """A distilled student through its method's ``sample(noise, steps, cond)``. The NFE is counted
     (forward calls of ``method.student`` on one sample) rather than assumed to equal ``steps``."""
@@ -75,12 +64,10 @@ def student_sampler(method: Any, steps: int, name: str | None = None) -> Sampler
     fn = lambda z, y: method.sample(z, steps, y)
     nfe = steps
     if isinstance(student, nn.Module):
-        counter = _CallCounter(student)
         shape = tuple(getattr(method.teacher, "sample_shape", ()))
         classes = getattr(method.teacher, "num_classes", 0)
-        with torch.no_grad():
+        with torch.no_grad(), CallCounter(student) as counter:
             fn(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long) if classes else None)
-        counter.handle.remove()
         nfe = counter.calls or steps
     return Sampler(name or getattr(method, "name", "student"), nfe, fn, "student")
 

@@ -6,20 +6,20 @@
   ``sigma = sigma_data * sigma_latent`` (capped at the teacher's ``sigma_max``). SD's timestep 999
   becomes ``7.3`` for ``sigma_data = 0.5``; as SD does at t = 999, sampling starts there from pure
   noise (``x = 7.3 z``), ignoring the tiny signal such a level still carries in training.
-- :func:`few_step_levels`/:func:`renoise_sample`: the sampler of ADD (Sauer et al. 2023, arXiv
-  2311.17042, Sec. 3.1), LADD and UFOGen's multi-step mode — denoise to ``x0_hat`` at one level,
-  re-noise it with fresh noise to the next level, repeat.
+- :func:`few_step_levels`: the trained levels a ``steps``-step sampler visits; the sampler of ADD
+  (Sauer et al. 2023, arXiv 2311.17042, Sec. 3.1), LADD and UFOGen's multi-step mode is
+  :func:`fewstep.solvers.renoise_sample` — denoise to ``x0_hat`` at one level, re-noise it with fresh
+  noise to the next level, repeat.
 - :func:`feature_network`: resolve a discriminator backbone by name ("teacher", "teacher-bottleneck",
   "classifier" = fewstep's shipped digits CNN) or take a user's ``nn.Module``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
+from fewstep.conversions import flow_t_to_sigma, vp_sigmas
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.networks.discriminator import FeatureNetwork, ImageFeatures, TeacherFeatures
@@ -31,8 +31,7 @@ def sd_sigmas() -> Tensor:
     """The 1000 noise levels of Stable Diffusion's scaled-linear schedule (betas from 0.00085 to
     0.012, linear in sqrt), in sigma-space of unit-variance latents (float64)."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    abar = (1 - betas).cumprod(0)
-    return ((1 - abar) / abar).sqrt()
+    return vp_sigmas((1 - betas).cumprod(0))
 
 
 def sd_levels(timesteps: tuple[int, ...], sigma_data: float, sigma_max: float) -> tuple[float, ...]:
@@ -43,7 +42,8 @@ def sd_levels(timesteps: tuple[int, ...], sigma_data: float, sigma_max: float) -
 
 def rf_levels(times: tuple[float, ...], sigma_data: float, sigma_max: float) -> tuple[float, ...]:
     """Levels of rectified-flow times ``t`` (``sigma = t/(1-t)``) at equal SNR; ``t = 1`` -> ``sigma_max``."""
-    return tuple(float(sigma_max) if t >= 1 else min(sigma_data * t / (1 - t), sigma_max) for t in times)
+    as_sigma = lambda t: sigma_data * float(flow_t_to_sigma(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    return tuple(float(sigma_max) if t >= 1 else min(as_sigma(t), sigma_max) for t in times)
 
 
 def check_levels(levels: tuple[float, ...], teacher: Denoiser) -> tuple[float, ...]:
@@ -62,16 +62,6 @@ def few_step_levels(levels: tuple[float, ...], steps: int) -> list[float]:
     if not 1 <= steps <= n:
         raise FewstepError(f"this student was trained at {n} noise levels; sample with 1..{n} steps, not {steps}")
     return [levels[(i * n) // steps] for i in range(steps)]
-
-
-@torch.no_grad()
-def renoise_sample(student: Denoiser, noise: Tensor, levels: list[float], cond: Any = None) -> Tensor:
-    """``x0 = G(s_0 z, s_0)``; then ``x0 = G(x0 + s_i eps_i, s_i)`` for the other levels."""
-    sigma = torch.full((noise.shape[0],), levels[0], device=noise.device, dtype=noise.dtype)
-    x0 = student(noise * levels[0], sigma, cond)
-    for s in levels[1:]:
-        x0 = student(x0 + s * torch.randn_like(x0), torch.full_like(sigma, s), cond)
-    return x0
 
 
 def noised(x0: Tensor, sigma: Tensor, noise: Tensor | None = None) -> Tensor:

@@ -52,12 +52,12 @@ from fewstep.methods._adversarial import (
     few_step_levels,
     noised,
     pick,
-    renoise_sample,
     sd_levels,
     sd_sigmas,
 )
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, d_loss, g_loss, no_param_grad, r1_on
+from fewstep.solvers import renoise_sample
 from fewstep.students import copy_teacher, set_dropout
 
 

@@ -58,7 +58,7 @@ from fewstep.methods._trajectory import (
     sampling_sigmas,
 )
 from fewstep.schedules import ascending_karras
-from fewstep.solvers import STEPPERS, ode_step
+from fewstep.solvers import STEPPERS, ode_step, renoise_sample
 from fewstep.students import consistency_student, set_dropout
 
 
@@ -165,15 +165,11 @@ class ConsistencyDistillation(Method):
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int = 1, cond: Any = None, guidance: float | None = None) -> Tensor:
         """Multistep consistency sampling (Algorithm 1) with ``steps`` student evaluations."""
-        c, f, smin = self.config, self.student, self.teacher.sigma_min
+        c, smin = self.config, self.teacher.sigma_min
         sigmas = sampling_sigmas(steps, smin, self.teacher.sigma_max, c.sample_sigmas)
         w = c.sample_guidance if guidance is None else guidance
         extra = None if c.guidance is None else (expand_like(w, noise) - 1)[:, None]
-        x0 = f(noise * sigmas[0], expand_like(sigmas[0], noise), cond, extra)
-        for tau in sigmas[1:]:
-            x = x0 + (tau**2 - smin**2) ** 0.5 * torch.randn_like(x0)
-            x0 = f(x, expand_like(tau, x), cond, extra)
-        return x0
+        return renoise_sample(self.student, noise, sigmas, cond, extra, sigma_min=smin)
 
 
 @dataclass

@@ -54,6 +54,7 @@ from fewstep.methods import register
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import TeacherFeatures, d_loss, g_loss, no_param_grad
+from fewstep.solvers import renoise_sample
 from fewstep.students import copy_teacher, set_dropout
 
 
@@ -232,9 +233,4 @@ class DMD2(Method):
         K = len(self.student_sigmas)
         if steps < 1 or K % steps:
             raise FewstepError(f"this dmd2 student has {K} step(s); sample with steps dividing {K} (got {steps})")
-        sig = self.student_sigmas[:: K // steps].to(noise)
-        x = sig[0] * noise
-        for i in range(steps):
-            x0 = self._denoise(x, sig[i], cond)
-            x = x0 + sig[i + 1] * torch.randn_like(noise) if i + 1 < steps else x0
-        return x
+        return renoise_sample(self.student, noise, self.student_sigmas[:: K // steps].tolist(), cond)

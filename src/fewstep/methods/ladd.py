@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep.conversions import flow_t_to_sigma
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods import register
@@ -42,13 +43,14 @@ from fewstep.methods._adversarial import (
     few_step_levels,
     noised,
     pick,
-    renoise_sample,
     rf_levels,
     sd_levels,
 )
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, approx_r1_penalty, d_loss, g_loss, no_param_grad
 from fewstep.pairs import Pairs, ensure_pairs
+from fewstep.schedules import sample_logit_normal
+from fewstep.solvers import renoise_sample
 from fewstep.students import copy_teacher, set_dropout
 
 
@@ -131,8 +133,8 @@ class LADD(Method):
     # --- maths ---------------------------------------------------------------------------------
     def disc_sigma(self, n: int, device, dtype) -> Tensor:
         """``t_hat ~ pi(t; m, s)`` (logit-normal RF time), as a level ``sigma_data t/(1-t)`` (Sec. 3.2)."""
-        t = torch.sigmoid(torch.randn(n, device=device, dtype=dtype) * self.config.disc_s + self.config.disc_m)
-        sigma = self.teacher.sigma_data * t / (1 - t)
+        t = sample_logit_normal(n, self.config.disc_m, self.config.disc_s, device, dtype)
+        sigma = self.teacher.sigma_data * flow_t_to_sigma(t)
         return sigma.clamp(self.teacher.sigma_min, self.teacher.sigma_max)
 
     def generate(self, x0: Tensor, labels: Tensor | None) -> Tensor:

@@ -41,11 +41,11 @@ from fewstep.methods._adversarial import (
     feature_network,
     few_step_levels,
     noised,
-    renoise_sample,
     sd_levels,
 )
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, d_loss, g_loss, no_param_grad, r1_on
+from fewstep.solvers import renoise_sample
 from fewstep.students import copy_teacher, set_dropout
 
 
