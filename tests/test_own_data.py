@@ -133,7 +133,7 @@ def test_edm_ema_ramp_up_leaves_no_trace_of_the_initial_weights():
 
 
 def test_progress_follows_the_minutes_budget():
-    from fewstep.train.loop import Progress
+    from fewstep.train.progress import Progress
 
     bar = Progress(TrainConfig(max_steps=None, minutes=2.0), 0, "x")
     assert bar.fraction(step=10, elapsed=60.0) == pytest.approx(0.5)

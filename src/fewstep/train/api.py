@@ -400,7 +400,7 @@ def load_sharded_eval_ema(method: Method, out: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import distribute_tensor
 
     from fewstep.train import checkpoint as ckpt
-    from fewstep.train.loop import full
+    from fewstep.train.distributed import full
 
     found = ckpt.latest(out / "checkpoints")
     if found is None:
@@ -422,7 +422,8 @@ def load_checkpoint_into(method: Method, run_dir: Path, ema: bool = True, checkp
     """Load a run's checkpoint (newest intact one, or ``checkpoint``) into ``method``; with
     ``ema`` the student gets the evaluation-EMA weights. Returns the checkpoint's step."""
     from fewstep.train import checkpoint as ckpt
-    from fewstep.train.loop import load_weights, prepare
+    from fewstep.train.checkpoint import load_weights
+    from fewstep.train.loop import prepare
 
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -447,7 +448,7 @@ def load_checkpoint_into(method: Method, run_dir: Path, ema: bool = True, checkp
     if ema:
         setup.nets["student"].load_state_dict(setup.eval_ema.target.state_dict())
     method.load_extra_state(found.meta.get("method_state", {}))
-    for net in [*setup.nets.values(), *(t.target for t, _, _ in setup.emas.values())]:
+    for net in [*setup.nets.values(), *(t.ema.target for t in setup.emas.values())]:
         net.eval().requires_grad_(False)
     return found.step
 

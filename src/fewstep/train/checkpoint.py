@@ -23,13 +23,19 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fewstep.errors import FewstepError
 from fewstep.io import _fsync_dir, atomic_write_json, load_tensors, save_tensors
+from fewstep.train.distributed import full, shard_optimizer_state
+
+if TYPE_CHECKING:
+    from fewstep.methods.base import Method
+    from fewstep.train.loop import Run, Setup
 
 FORMAT = "fewstep-checkpoint"
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -221,3 +227,103 @@ def unusable(root: Path, then: str) -> str:
         return f"has no usable checkpoint yet (none written); {then}"
     return (f"has no usable checkpoint: all {len(dirs)} are damaged (newest {dirs[0].name}: {verify(dirs[0])}); "
             "restore them from a copy, or start again with --overwrite")  # fmt: skip
+
+
+# --- a run's state <-> a checkpoint (the loop's side) --------------------------------------------
+def weights_of(method: Method, setup: Setup) -> dict[str, Tensor]:
+    """Every network's and EMA's weights, whole (sharded ones gathered: call on every process)."""
+    out = {}
+    for name, net in setup.nets.items():
+        out.update({f"net.{name}.{k}": full(v) for k, v in net.state_dict().items()})
+    for name, tracked in setup.emas.items():
+        out.update({f"ema.{name}.{k}": full(v) for k, v in tracked.ema.target.state_dict().items()})
+    out.update({f"eval_ema.{k}": full(v) for k, v in setup.eval_ema.target.state_dict().items()})
+    return out
+
+
+def load_weights(method: Method, setup: Setup, weights: dict[str, Tensor], where: Path) -> None:
+    """Load checkpoint weights into the networks, with a one-line error when they do not fit."""
+    modules = {f"net.{n}.": m for n, m in setup.nets.items()}
+    modules.update({f"ema.{n}.": t.ema.target for n, t in setup.emas.items()})
+    modules["eval_ema."] = setup.eval_ema.target
+    for prefix, module in modules.items():
+        part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        expected = module.state_dict()
+        if set(part) != set(expected) or any(part[k].shape != expected[k].shape for k in part):
+            raise FewstepError(
+                f"checkpoint {where} does not fit this run's {prefix.rstrip('.')} network (another method, teacher "
+                "or configuration); start a new run with another --out"
+            )
+        if any(hasattr(v, "device_mesh") for v in expected.values()):  # sharded: take this process's shards
+            from torch.distributed.tensor import distribute_tensor
+
+            part = {
+                k: distribute_tensor(v.to(e.device), e.device_mesh, e.placements) if hasattr(e, "device_mesh") else v
+                for (k, v), e in ((kv, expected[kv[0]]) for kv in part.items())
+            }
+        module.load_state_dict(part)
+
+
+def save(run: Run, step: int, snapshot: dict | None = None) -> None:
+    """Write the checkpoint of ``step`` (every process its RNG; the main process the rest);
+    ``snapshot`` marks a minute-mark checkpoint that pruning keeps (its minutes go in the state)."""
+    method, setup, acc, cfg, root = run.method, run.setup, run.acc, run.cfg, run.dir / "checkpoints"
+    feeder, counters = run.feeder, run.counters
+    tmp = begin(root, step) if acc.is_main_process else staging(root, step)
+    acc.wait_for_everyone()
+    rng_tensors, rng_meta = rng_state(feeder.generator)
+    write_tensors(tmp, f"rng-{acc.process_index}.safetensors", rng_tensors, rng_meta)
+    acc.wait_for_everyone()
+    if acc.is_main_process or setup.sharded:  # sharded weights and optimizer state are gathered by all
+        weights = weights_of(method, setup)
+        optim, optim_meta = {}, {}
+        for k, opt in setup.optimizers.items():
+            tensors, meta = flatten_optimizer(opt, f"opt.{k}")
+            optim.update({name: full(v) for name, v in tensors.items()})
+            optim_meta[k] = meta
+        optim.update({f"counter.{k}": v for k, v in counters.items()})
+    if acc.is_main_process:
+        write_tensors(tmp, "weights.safetensors", weights)
+        write_tensors(tmp, "optim.safetensors", optim)
+        meta = {
+            "method": method.name,
+            "sample_shape": list(method.teacher.sample_shape),
+            "num_classes": method.teacher.num_classes,
+            "world_size": acc.num_processes,
+            "optimizers": optim_meta,
+            "method_state": method.extra_state(),
+            "seed": cfg.seed,
+            **(snapshot or {}),
+        }
+        commit(tmp, root, step, meta, cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def restore(run: Run) -> int:
+    """Load the run's newest intact checkpoint; return its step."""
+    method, setup, root, counters = run.method, run.setup, run.dir / "checkpoints", run.counters
+    rank, world = run.acc.process_index, run.acc.num_processes
+    found = latest(root)
+    if found is None:
+        raise FewstepError(f"{root} {unusable(root, 'start the run again without --resume')}")
+    meta = found.meta
+    if meta.get("method") != method.name or list(meta.get("sample_shape", [])) != list(method.teacher.sample_shape):
+        raise FewstepError(
+            f"checkpoint {found.path} is from method {meta.get('method')!r} with samples {meta.get('sample_shape')}, "
+            f"not {method.name!r} with {list(method.teacher.sample_shape)}; pass the run's own method and teacher"
+        )
+    if meta.get("world_size") != world:
+        raise FewstepError(
+            f"checkpoint {found.path} was written by {meta.get('world_size')} process(es); resume with {world}"
+        )
+    load_weights(method, setup, found.tensors("weights.safetensors"), found.path)
+    optim = found.tensors("optim.safetensors")
+    for k, opt in setup.optimizers.items():
+        if setup.sharded:
+            optim.update(shard_optimizer_state(opt, optim, f"opt.{k}"))
+        load_optimizer(opt, optim, meta["optimizers"][k], f"opt.{k}")
+    for k, t in counters.items():
+        t.copy_(optim[f"counter.{k}"])
+    method.load_extra_state(meta.get("method_state", {}))
+    set_rng_state(*found.rng(rank), run.feeder.generator)
+    return found.step
