@@ -272,3 +272,32 @@ __all__ = [
     "load_pairs",
     "teacher_fingerprint",
 ]
+
+
+class PairSource:
+    """The teacher pairs of a method (KD, DMD's regression term, LADD's data), read or generated when
+    the method first needs them — loading a run to sample never does that work. ``given`` is a
+    :class:`Pairs` object (its shape is checked at once, and its teacher where it names one), else
+    ``config.pairs`` (a folder made by ``fewstep pairs``) or ``config.num_pairs`` pairs generated into
+    the cache once with ``config.solver``/``solver_steps``/``guidance``; those are checked against
+    the teacher (shape, classes, weights) when first read."""
+
+    def __init__(self, teacher: Denoiser, config: Any, given: Pairs | None = None) -> None:
+        self.teacher, self.config, self.pairs, self.checked = teacher, config, given, False
+        if given is not None:
+            m = given.meta
+            if tuple(m["sample_shape"]) != tuple(teacher.sample_shape):
+                raise FewstepError(
+                    f"pairs of shape {m['sample_shape']} do not fit a teacher of shape {list(teacher.sample_shape)}; "
+                    "generate them with this teacher"
+                )
+            self.checked = "teacher_sha256" not in m  # hand-made pairs name no teacher to check
+
+    def get(self) -> Pairs:
+        c = self.config
+        if self.pairs is None:
+            self.pairs = ensure_pairs(self.teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
+        if not self.checked:
+            check_pairs_fit(self.pairs, self.teacher)
+            self.checked = True
+        return self.pairs

@@ -46,7 +46,7 @@ from fewstep.losses import REGRESSION, dm_gradient, dm_loss, regression_loss
 from fewstep.methods import register
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, eval_mode, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.pairs import Pairs, check_pairs_fit, ensure_pairs
+from fewstep.pairs import Pairs, PairSource
 from fewstep.students import OneStepGenerator, copy_teacher, set_dropout
 
 
@@ -101,7 +101,7 @@ class DMD(Method):
         self.real_score = cfg(self.teacher, c.guidance) if teacher.num_classes else self.teacher
         self.dm_sigma = KarrasSigmaSampler.of(teacher, *c.dm_sigma_range)
         self.fake_sigma = KarrasSigmaSampler.of(teacher)
-        self._pairs, self._pairs_checked = pairs, False  # read at the first loss (load_run needs none)
+        self._pairs = PairSource(teacher, c, pairs)  # read at the first loss (load_run needs none)
 
     @property
     def pairs(self) -> Pairs | None:
@@ -109,12 +109,7 @@ class DMD(Method):
         c = self.config
         if c.reg_weight <= 0:
             return None
-        if self._pairs is None:
-            self._pairs = ensure_pairs(self.teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
-        if not self._pairs_checked:
-            check_pairs_fit(self._pairs, self.teacher)
-            self._pairs_checked = True
-        return self._pairs
+        return self._pairs.get()
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student, "fake_score": self.fake_score}

@@ -33,7 +33,7 @@ from fewstep.errors import FewstepError
 from fewstep.losses import REGRESSION, regression_loss
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.pairs import Pairs, check_pairs_fit, ensure_pairs
+from fewstep.pairs import Pairs, PairSource
 from fewstep.students import OneStepGenerator, copy_teacher, set_dropout
 
 
@@ -76,18 +76,12 @@ class KD(Method):
         sigma_init = c.sigma_init if c.sigma_init is not None else teacher.sigma_max
         self.student = student if student is not None else OneStepGenerator(copy_teacher(teacher), sigma_init)
         set_dropout(self.student, c.dropout)
-        self._pairs, self._pairs_checked = pairs, False  # read at the first loss (load_run needs none)
+        self._pairs = PairSource(teacher, c, pairs)  # read at the first loss (load_run needs none)
 
     @property
     def pairs(self) -> Pairs:
         """The stored pairs: ``config.pairs``, or ``num_pairs`` generated into the cache once."""
-        c = self.config
-        if self._pairs is None:
-            self._pairs = ensure_pairs(self.teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
-        if not self._pairs_checked:
-            check_pairs_fit(self._pairs, self.teacher)
-            self._pairs_checked = True
-        return self._pairs
+        return self._pairs.get()
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student}

@@ -48,7 +48,7 @@ from fewstep.methods._adversarial import (
 )
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import Discriminator, approx_r1_penalty, d_loss, g_loss, no_param_grad
-from fewstep.pairs import Pairs, ensure_pairs
+from fewstep.pairs import Pairs, PairSource
 from fewstep.schedules import sample_logit_normal
 from fewstep.solvers import renoise_sample
 from fewstep.students import copy_teacher, set_dropout
@@ -108,14 +108,12 @@ class LADD(Method):
         set_dropout(self.student, c.dropout)
         self.features = feature_network(features if features is not None else c.features, teacher)
         self.discriminator = Discriminator(self.features, teacher.sample_shape, teacher.num_classes, c.head_hidden)
-        if pairs is None:
-            pairs = ensure_pairs(teacher, c.pairs, c.num_pairs, c.solver, c.solver_steps, c.guidance)
-        self.pairs = pairs
-        if tuple(self.pairs.meta["sample_shape"]) != tuple(teacher.sample_shape):
-            raise FewstepError(
-                f"teacher samples of shape {self.pairs.meta['sample_shape']} do not fit a teacher of shape "
-                f"{list(teacher.sample_shape)}; generate them with this teacher"
-            )
+        self._pairs = PairSource(teacher, c, pairs)  # read at the first loss (load_run needs none)
+
+    @property
+    def pairs(self) -> Pairs:
+        """The teacher samples LADD trains on (generated into the cache when first needed)."""
+        return self._pairs.get()
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student, "discriminator": self.discriminator}
