@@ -65,3 +65,16 @@ def test_image_shaped_mixture_and_ring():
     assert gm(x * 0 + 10.0, torch.full((5,), 1e4)).shape == (5, 1, 4, 4)
     ring = ring2d()
     assert ring.num_classes == 8 and ring.sample_shape == (2,)
+
+
+def test_a_mixture_saves_itself_and_load_teacher_reads_it_back(tmp_path):
+    from fewstep.teachers import load_teacher
+    from fewstep.teachers.analytic import ring2d
+
+    g = ring2d()
+    g.save(tmp_path / "m")
+    back = load_teacher(tmp_path / "m")
+    x, s = torch.randn(5, 2), torch.full((5,), 0.7)
+    labels = torch.zeros(5, dtype=torch.long) if g.num_classes else None
+    assert type(back) is type(g) and back.num_classes == g.num_classes and back.sigma_max == g.sigma_max
+    torch.testing.assert_close(back(x, s, labels), g(x, s, labels))

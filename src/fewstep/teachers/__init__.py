@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.teachers.analytic import GaussianMixture, image_mixture, ring2d
+from fewstep.teachers.analytic import MIXTURE_FORMAT, GaussianMixture, image_mixture, ring2d
 from fewstep.teachers.native import load_model, save_model
 
 BUILTINS = ("digits", "moons")
@@ -66,7 +66,10 @@ def load_teacher(spec: str | Path | Denoiser) -> Denoiser:
     if (path / "config.json").is_file():
         from fewstep.io import read_json
 
-        if read_json(path / "config.json").get("format") == "fewstep-run":  # a run: its student
+        fmt = read_json(path / "config.json").get("format")
+        if fmt == MIXTURE_FORMAT:
+            return GaussianMixture.load(path)
+        if fmt == "fewstep-run":  # a run: its student
             if not (path / "student" / "config.json").is_file():
                 raise FewstepError(
                     f"run {path} has no finished student yet; finish it with --resume (its checkpoints are kept)"

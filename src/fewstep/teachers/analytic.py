@@ -18,6 +18,7 @@ components of class ``c``; the null label (``num_classes``) keeps all of them.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from torch import Tensor
 
 from fewstep.denoiser import Denoiser, append_dims, as_sigma
 from fewstep.errors import FewstepError
+
+MIXTURE_FORMAT = "fewstep-gaussian-mixture"  # config.json of a saved mixture
 
 
 class GaussianMixture(Denoiser):
@@ -58,6 +61,30 @@ class GaussianMixture(Denoiser):
         self.register_buffer("labels", labels.long() if labels is not None else torch.zeros(K, dtype=torch.long))
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.sigma_data = float((self.stds.pow(2).mean() + self.means.flatten(1).var(0, unbiased=False).mean()).sqrt())
+
+    # --- a mixture saves itself (a run trained on a mixture object keeps a copy) -----------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``model.safetensors`` (means, stds, weights, labels) and ``config.json``."""
+        from fewstep.io import atomic_write_json, save_tensors
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"means": self.means, "stds": self.stds, "weights": self.log_weights.exp()}
+        if self.num_classes:
+            tensors["labels"] = self.labels
+        save_tensors(folder / "model.safetensors", tensors)
+        atomic_write_json(folder / "config.json", {"format": MIXTURE_FORMAT, "sigma_min": self.sigma_min,
+                                                   "sigma_max": self.sigma_max})  # fmt: skip
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GaussianMixture:
+        """The mixture :meth:`save` wrote, in eval mode."""
+        from fewstep.io import load_tensors, read_json
+
+        cfg = read_json(Path(folder) / "config.json")
+        t = load_tensors(Path(folder) / "model.safetensors")
+        return cls(t["means"], t["stds"], t["weights"], t.get("labels"), cfg["sigma_min"], cfg["sigma_max"]).eval()
 
     @property
     def dim(self) -> int:

@@ -24,11 +24,10 @@ import torch
 
 from fewstep.denoiser import Denoiser, EDMDenoiser
 from fewstep.errors import FewstepError
-from fewstep.io import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
+from fewstep.io import atomic_write_bytes, atomic_write_json, read_json, save_tensors
 
 RUN_FORMAT = "fewstep-run"
 STUDENT_FORMAT = "fewstep-student"
-MIXTURE_FORMAT = "fewstep-gaussian-mixture"
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -162,36 +161,19 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 # --- teachers given as objects ------------------------------------------------------------------
 def save_teacher(teacher: Denoiser, folder: Path) -> bool:
-    """Save a teacher object so ``load_run`` can rebuild it; ``False`` if its type cannot be saved."""
+    """Save a teacher object so ``load_run`` can rebuild it; ``False`` if its type cannot be saved.
+    fewstep networks are written in the model format, other teachers by their own ``save(folder)``
+    (an analytic mixture), which :func:`fewstep.teachers.load_teacher` reads back."""
     from fewstep.networks import MLP, UNet
-    from fewstep.teachers.analytic import GaussianMixture
     from fewstep.teachers.native import save_model
 
     if isinstance(teacher, EDMDenoiser) and isinstance(teacher.net, (UNet, MLP)):
         save_model(teacher, folder, getattr(teacher, "info", {}))
         return True
-    if isinstance(teacher, GaussianMixture):
-        tensors = {"means": teacher.means, "stds": teacher.stds, "weights": teacher.log_weights.exp()}
-        if teacher.num_classes:
-            tensors["labels"] = teacher.labels
-        save_tensors(folder / "model.safetensors", tensors)
-        atomic_write_json(folder / "config.json", {"format": MIXTURE_FORMAT, "sigma_min": teacher.sigma_min,
-                                                    "sigma_max": teacher.sigma_max})  # fmt: skip
+    if callable(getattr(teacher, "save", None)):
+        teacher.save(folder)
         return True
     return False
-
-
-def load_saved_teacher(folder: Path) -> Denoiser:
-    from fewstep.teachers import load_teacher
-    from fewstep.teachers.analytic import GaussianMixture
-
-    cfg = read_json(folder / "config.json")
-    if cfg.get("format") == MIXTURE_FORMAT:
-        t = load_tensors(folder / "model.safetensors")
-        return GaussianMixture(
-            t["means"], t["stds"], t["weights"], t.get("labels"), cfg["sigma_min"], cfg["sigma_max"]
-        ).eval()
-    return load_teacher(folder)
 
 
 def run_teacher(run_dir: Path, config: dict[str, Any], teacher: Denoiser | None = None) -> Denoiser:
@@ -202,7 +184,7 @@ def run_teacher(run_dir: Path, config: dict[str, Any], teacher: Denoiser | None 
         return teacher
     info = config["teacher"]
     if info.get("saved") and (run_dir / "teacher" / "config.json").is_file():
-        return load_saved_teacher(run_dir / "teacher")
+        return load_teacher(run_dir / "teacher")
     if info.get("saved") and not info.get("spec"):
         raise FewstepError(f"run {run_dir} lost its copy of the teacher ({run_dir / 'teacher'}); pass teacher=...")
     if info.get("spec"):
