@@ -46,7 +46,7 @@ def weights(module):
 def start(method: str, init, **options):
     """The method a chain would train, built around ``init``'s student (before any step)."""
     from fewstep.methods import get_method
-    from fewstep.train.config import build
+    from fewstep.options import build
     from fewstep.train.warmstart import warm_start
 
     cls = get_method(method)

@@ -14,7 +14,8 @@ import fewstep
 from engine_helpers import tiny_data, tiny_teacher
 from fewstep.cli import main
 from fewstep.errors import FewstepError
-from fewstep.train.config import TrainConfig, build, coerce
+from fewstep.options import build, coerce
+from fewstep.train.config import TrainConfig
 from fewstep.train.rundir import read_metrics
 
 FAST = ["--set", "sample_n=0", "--set", "log_every=2", "--set", "cpu=true"]

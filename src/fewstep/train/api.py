@@ -14,18 +14,15 @@ from fewstep.data import Dataset
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
+from fewstep.options import build, coerce, field_types, to_json
 from fewstep.train.config import (
     EMA_KEYS,
     NEW_RUN_DEFAULTS,
     RESUMABLE,
     Sources,
     TrainConfig,
-    build,
     build_train_config,
-    coerce,
-    field_types,
     split_options,
-    to_json,
 )
 from fewstep.train.rundir import (
     RUN_FORMAT,
