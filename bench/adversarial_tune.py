@@ -19,10 +19,10 @@ from tune_common import teacher_row, tune_parser
 
 from fewstep.eval.evaluate import EvalSettings, Evaluator
 from fewstep.eval.sampling import student_sampler
+from fewstep.runs.folder import read_metrics
 from fewstep.teachers import load_teacher
 from fewstep.train import distill
 from fewstep.train.config import parse_sets
-from fewstep.train.rundir import read_metrics
 
 
 def main() -> None:

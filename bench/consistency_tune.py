@@ -21,9 +21,9 @@ from tune_common import teacher_row, tune_parser
 
 from fewstep.eval.evaluate import EvalSettings, Evaluator
 from fewstep.eval.sampling import student_sampler
+from fewstep.runs import load_run
 from fewstep.teachers import load_teacher
 from fewstep.train import distill
-from fewstep.train.api import load_run
 from fewstep.train.config import parse_sets
 
 

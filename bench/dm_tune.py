@@ -50,7 +50,7 @@ def main() -> None:
                                 "precision": r.precision, "recall": r.recall}  # fmt: skip
         print(k, rows[f"student_{k}"], flush=True)
     if a.curve:  # FID of the raw and the EMA student along the run (first listed step only)
-        from fewstep.train import load_run
+        from fewstep.runs import load_run
 
         k = int(a.steps.split(",")[0])
         curve = rows["curve"] = []

@@ -10,8 +10,8 @@ import torch
 from engine_helpers import tiny_data, tiny_teacher
 from fewstep.errors import FewstepError
 from fewstep.eval.speed import run_cost
+from fewstep.runs import checkpoints as runck
 from fewstep.students import ConsistencyStudent, OneStepGenerator
-from fewstep.train import checkpoint as ckpt
 from fewstep.train import distill, load_run
 from fewstep.train.warmstart import one_step_gap
 
@@ -120,9 +120,9 @@ def test_minute_mark_checkpoints_survive_pruning(teacher_dir, tmp_path):
     out = tmp_path / "snap"
     distill(teacher_dir, "cd", max_steps=400, out=out, data=tiny_data(), snapshot_minutes=(0.0,), keep_checkpoints=1,
             **{**FAST, "checkpoint_every": 50})  # fmt: skip
-    snaps = ckpt.snapshots(out / "checkpoints")
+    snaps = runck.snapshots(out / "checkpoints")
     assert [s.meta["snapshot_minutes"] for s in snaps] == [0.0] and snaps[0].step == 1
-    kept = ckpt.checkpoint_dirs(out / "checkpoints")
+    kept = runck.checkpoint_dirs(out / "checkpoints")
     assert [d.name for d in kept] == ["step-00000400", "step-00000001"]  # the newest one plus the snapshot
     m = load_run(out, checkpoint=snaps[0].path.name)
     assert m.run["step"] == 1

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from engine_helpers import Pair, PairConfig, tiny_config, tiny_data, tiny_teacher
-from fewstep.train import checkpoint as ckpt
+from fewstep.runs import checkpoints as runck
+from fewstep.runs.folder import read_metrics
 from fewstep.train.loop import train
-from fewstep.train.rundir import read_metrics
 
 TESTS = Path(__file__).parent
 CFG = dict(max_steps=6, batch=8, checkpoint_every=3, log_every=3)
@@ -65,8 +65,8 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
     one = Pair(tiny_teacher(), PairConfig(b_every=2, grad_clip=0.5))
     train(one, tiny_config(**CFG), tmp_path / "one", data=tiny_data())
 
-    a = ckpt.latest(tmp_path / "one" / "checkpoints")
-    b = ckpt.latest(tmp_path / "two" / "checkpoints")
+    a = runck.latest(tmp_path / "one" / "checkpoints")
+    b = runck.latest(tmp_path / "two" / "checkpoints")
     assert a.step == b.step == 6 and b.meta["world_size"] == 2
     for name in ("weights.safetensors", "optim.safetensors"):
         ta, tb = a.tensors(name), b.tensors(name)

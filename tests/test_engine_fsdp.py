@@ -16,9 +16,9 @@ import torch
 
 from engine_helpers import Pair, PairConfig, tiny_config, tiny_data, tiny_teacher
 from fewstep.io import load_tensors
-from fewstep.train import checkpoint as ckpt
+from fewstep.runs import checkpoints as runck
+from fewstep.runs.folder import read_metrics
 from fewstep.train.loop import train
-from fewstep.train.rundir import read_metrics
 from test_engine_ddp import free_port
 
 TESTS = Path(__file__).parent
@@ -98,7 +98,7 @@ def launch(tmp_path: Path, config: str, *args: str) -> None:
 
 
 def assert_same_checkpoint(a: Path, b: Path, step: int) -> None:
-    ca, cb = ckpt.latest(a), ckpt.latest(b)
+    ca, cb = runck.latest(a), runck.latest(b)
     assert ca.step == cb.step == step and cb.meta["world_size"] == 2
     for name in ("weights.safetensors", "optim.safetensors"):
         ta, tb = ca.tensors(name), cb.tensors(name)
@@ -111,8 +111,8 @@ def assert_close_updates(tmp_path: Path) -> None:
     """SiD under FSDP and under data parallelism: each network's change from the teacher it was
     copied from agrees within 5% (relative L2; a gradient that is not averaged over the processes
     differs by far more), and so do the logged losses."""
-    a = ckpt.latest(tmp_path / "ddp" / "checkpoints").tensors("weights.safetensors")
-    b = ckpt.latest(tmp_path / "fsdp" / "checkpoints").tensors("weights.safetensors")
+    a = runck.latest(tmp_path / "ddp" / "checkpoints").tensors("weights.safetensors")
+    b = runck.latest(tmp_path / "fsdp" / "checkpoints").tensors("weights.safetensors")
     init = load_tensors(tmp_path / "teacher" / "model.safetensors")
     assert a.keys() == b.keys()
     for prefix in ("net.student.net.", "net.fake_score.", "eval_ema.net."):
@@ -137,7 +137,7 @@ def pair_run(tmp_path: Path, config: str) -> None:
     train(one, tiny_config(**CFG), tmp_path / "one", data=tiny_data())
     assert_same_checkpoint(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints", 6)
     initial = Pair(tiny_teacher()).student.weight.detach()
-    assert not torch.allclose(ckpt.latest(tmp_path / "one" / "checkpoints").tensors("weights.safetensors")[
+    assert not torch.allclose(runck.latest(tmp_path / "one" / "checkpoints").tensors("weights.safetensors")[
         "net.student.weight"], initial)  # fmt: skip
     for ra, rb in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
         for key in ("loss/a", "loss/b", "grad_norm/a", "grad_norm/b"):
@@ -172,8 +172,8 @@ def test_fsdp2_command_line_run_equals_data_parallel_and_loads_in_one_process(tm
     is the same command under data parallelism (a method that draws noise uses each process's own
     random stream, so 1 process would differ). The student saved at the end is the evaluation EMA,
     gathered from the shards."""
+    from fewstep.runs import load_run
     from fewstep.teachers.native import save_model
-    from fewstep.train import load_run
 
     teacher = str(save_model(tiny_teacher(), tmp_path / "teacher"))
     args = ["-m", "fewstep", "distill", "--teacher", teacher, "--method", method, "--data", "moons:500",
@@ -188,7 +188,7 @@ def test_fsdp2_command_line_run_equals_data_parallel_and_loads_in_one_process(tm
     else:  # SiD's Adam has beta1 = 0 (sign-like steps), which amplifies the all-reduce/reduce-scatter
         assert_close_updates(tmp_path)  # rounding difference: compare the updates, not bits
     a, b = load_run(tmp_path / "ddp"), load_run(tmp_path / "fsdp")  # one process loads the FSDP run
-    weights = ckpt.latest(tmp_path / "fsdp" / "checkpoints").tensors("weights.safetensors")
+    weights = runck.latest(tmp_path / "fsdp" / "checkpoints").tensors("weights.safetensors")
     saved = load_tensors(tmp_path / "fsdp" / "student" / "model.safetensors")
     for (k, va), vb in zip(a.student.state_dict().items(), b.student.state_dict().values(), strict=True):
         assert type(vb) is torch.Tensor

@@ -11,10 +11,10 @@ import torch
 from engine_helpers import Pair, PairConfig, state_of, tiny_config, tiny_data, tiny_teacher
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors
-from fewstep.train import checkpoint as ckpt
+from fewstep.runs import checkpoints as runck
+from fewstep.runs.folder import read_metrics
 from fewstep.train import loop
 from fewstep.train.loop import train
-from fewstep.train.rundir import read_metrics
 
 
 def run_pair(tmp_path, cfg_kw=None, **pair_kw):
@@ -28,7 +28,7 @@ def test_update_ratios_are_honoured(tmp_path):
     assert summary["step"] == 10
     expected = [(i, frozenset({"a"} | ({"b"} if i % 3 == 1 else set()))) for i in range(10)]
     assert method.calls == expected
-    opt = load_tensors(ckpt.latest(tmp_path / "checkpoints").path / "optim.safetensors")
+    opt = load_tensors(runck.latest(tmp_path / "checkpoints").path / "optim.safetensors")
     assert float(opt["opt.a.0.step"]) == 10  # a steps every iteration
     assert float(opt["opt.b.0.step"]) == 3  # b on iterations 1, 4, 7
 
@@ -64,7 +64,7 @@ def test_frozen_networks_get_no_gradient_and_no_optimizer_state(tmp_path):
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
-    found = ckpt.latest(tmp_path / "checkpoints")
+    found = runck.latest(tmp_path / "checkpoints")
     opt = load_tensors(found.path / "optim.safetensors")
     n_student = len(list(method.student.parameters()))
     assert len([k for k in opt if k.startswith("opt.")]) == 3 * n_student  # step, exp_avg, exp_avg_sq each
@@ -102,7 +102,7 @@ def test_evaluation_ema_uses_the_configured_decay(tmp_path):
     ema = snapshots[0].clone()
     for w in snapshots[1:]:
         ema = ema.lerp(w, 1 - decay)
-    found = ckpt.latest(tmp_path / "checkpoints")
+    found = runck.latest(tmp_path / "checkpoints")
     saved = load_tensors(found.path / "weights.safetensors")["eval_ema.weight"]
     torch.testing.assert_close(saved, ema, rtol=0, atol=1e-6)
 
@@ -141,7 +141,7 @@ def test_a_non_finite_iteration_is_skipped_and_counted(tmp_path, kind):
     records = read_metrics(tmp_path)
     assert [r["nonfinite"] for r in records] == [0, 0, 1, 2, 2, 2]
     assert all(torch.isfinite(p).all() for p in method.student.parameters())
-    opt = load_tensors(ckpt.latest(tmp_path / "checkpoints").path / "optim.safetensors")
+    opt = load_tensors(runck.latest(tmp_path / "checkpoints").path / "optim.safetensors")
     assert float(opt["opt.a.0.step"]) == 4
 
 
@@ -151,7 +151,7 @@ def test_many_non_finite_in_a_row_stop_the_run_and_keep_the_last_checkpoint(tmp_
     with pytest.raises(FewstepError, match="non-finite losses in a row") as e:
         train(method, cfg, tmp_path, data=tiny_data())
     assert "\n" not in str(e.value)
-    found = ckpt.latest(tmp_path / "checkpoints")
+    found = runck.latest(tmp_path / "checkpoints")
     assert found is not None and found.step == 4  # the streak was detected at step 8, before saving
     weights = load_tensors(found.path / "weights.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -218,7 +218,7 @@ def test_no_host_synchronisation_inside_iterations(tmp_path, monkeypatch):
 def test_minutes_budget_stops_the_run(tmp_path):
     method, summary = run_pair(tmp_path, {"max_steps": None, "minutes": 0.5 / 60, "checkpoint_every": 10**6})
     assert summary["stopped_by"] == "minutes" and summary["step"] >= 1
-    assert ckpt.latest(tmp_path / "checkpoints").step == summary["step"]  # a final checkpoint is written
+    assert runck.latest(tmp_path / "checkpoints").step == summary["step"]  # a final checkpoint is written
 
 
 def test_metrics_and_sample_grids_are_written(tmp_path):

@@ -196,8 +196,8 @@ def test_demo_runs_end_to_end(teacher_dir, tmp_path, capsys):
 
 def test_training_hook_logs_fid_during_distillation(teacher_dir, tmp_path):
     from fewstep.eval import training_hook
+    from fewstep.runs.folder import read_metrics
     from fewstep.train import distill
-    from fewstep.train.rundir import read_metrics
 
     out = tmp_path / "run"
     m = distill(str(teacher_dir), "denoise", max_steps=4, out=out, batch=8, sample_n=0, log_every=2, cpu=True,

@@ -39,7 +39,7 @@ def test_distill_export_and_sample_in_diffusers(tmp_path, capsys):
     fewstep_images = torch.from_numpy((saved["samples"] / 2 + 0.5).clip(0, 1))
     assert torch.allclose(images, fewstep_images, atol=2e-3), (images - fewstep_images).abs().max()
     # multistep: exactly the LCM sampler fewstep runs for this student
-    from fewstep.train import load_run
+    from fewstep.runs import load_run
 
     student = load_run(run).student
     images = pipe(batch_size=3, class_labels=labels, num_inference_steps=2, generator=gens([0, 1, 2]),

@@ -13,9 +13,9 @@ from fewstep.methods import get_method
 from fewstep.methods._adversarial import few_step_levels, sd_levels, sd_sigmas
 from fewstep.methods.add import ADD, ADDConfig
 from fewstep.methods.base import Batch
+from fewstep.runs import checkpoints as runck
 from fewstep.solvers import renoise_sample
 from fewstep.teachers.analytic import ring2d
-from fewstep.train import checkpoint as ckpt
 from fewstep.train.loop import train
 
 
@@ -94,7 +94,7 @@ def test_engine_steps_generator_and_discriminator_at_the_configured_ratio(tmp_pa
     m = make(gen_every=3, r1_gamma=1.0)
     data = Dataset(ring2d().sample(256), None, 0, "ring")
     train(m, tiny_config(max_steps=9, checkpoint_every=9), tmp_path, data=data)
-    opt = load_tensors(ckpt.latest(tmp_path / "checkpoints").path / "optim.safetensors")
+    opt = load_tensors(runck.latest(tmp_path / "checkpoints").path / "optim.safetensors")
     assert float(opt["opt.discriminator.0.step"]) == 9
     assert float(opt["opt.student.0.step"]) == 3  # iterations 2, 5, 8
     spec = m.optimizers()["student"]

@@ -166,8 +166,8 @@ def test_short_run_lowers_the_teacher_nll(tmp_path, reg_weight):
 def test_fewstep_distill_dmd_with_pairs(tmp_path, capsys):
     from engine_helpers import tiny_teacher
     from fewstep.cli import main
+    from fewstep.runs import load_run
     from fewstep.teachers.native import save_model
-    from fewstep.train import load_run
 
     teacher_dir = str(save_model(tiny_teacher(), tmp_path / "teacher"))
     pairs = str(tmp_path / "pairs")

@@ -103,8 +103,8 @@ def test_kd_on_an_edm_teacher_copies_it_and_checks_the_pairs(tmp_path):
 def test_fewstep_pairs_then_distill_kd_and_load_run(tmp_path, capsys):
     from engine_helpers import tiny_teacher
     from fewstep.cli import main
+    from fewstep.runs import load_run
     from fewstep.teachers.native import save_model
-    from fewstep.train import load_run
 
     teacher_dir = str(save_model(tiny_teacher(), tmp_path / "teacher"))
     pairs = str(tmp_path / "pairs")

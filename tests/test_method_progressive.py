@@ -136,7 +136,7 @@ def test_lr_anneal_restarts_every_round():
 def test_engine_run_resumes_exactly_and_keeps_round_students(tmp_path):
     """Under the engine (ema_decay 0): rounds switch at the configured iterations, resuming
     mid-round reproduces the straight run, and the round copies are saved and reloaded."""
-    from fewstep.train import load_run
+    from fewstep.runs import load_run
 
     opts = dict(start_steps=4, steps_per_round=3, ema_decay=0.0)
     m = engine_resume_matches(tmp_path, "progressive", steps=8, split=4, **opts)

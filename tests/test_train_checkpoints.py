@@ -18,13 +18,14 @@ import torch
 from engine_helpers import Pair, PairConfig, assert_same, sigterm_at, state_of, tiny_config, tiny_data, tiny_teacher
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors
+from fewstep.runs import checkpoints as runck
 from fewstep.train import checkpoint as ckpt
 from fewstep.train.loop import TrainingInterrupted, train
 
 
 def everything(run_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a run's newest checkpoint (weights, EMAs, optimizer state, counters)."""
-    found = ckpt.latest(run_dir / "checkpoints")
+    found = runck.latest(run_dir / "checkpoints")
     return {**found.tensors("weights.safetensors"), **found.tensors("optim.safetensors")}
 
 
@@ -68,14 +69,14 @@ def test_resume_continues_exactly(tmp_path):
     train(whole, cfg, tmp_path / "whole", data=tiny_data())
     part = Pair(tiny_teacher(), PairConfig(b_every=2))
     train(part, tiny_config(max_steps=7, checkpoint_every=5, log_every=3), tmp_path / "split", data=tiny_data())
-    assert ckpt.latest(tmp_path / "split" / "checkpoints").step == 7
+    assert runck.latest(tmp_path / "split" / "checkpoints").step == 7
     resumed = Pair(tiny_teacher(), PairConfig(b_every=2))
     summary = train(resumed, cfg, tmp_path / "split", data=tiny_data(), resume=True)
     assert summary["step"] == 12
     assert [i for i, _ in resumed.calls] == list(range(7, 12))
     assert_same(everything(tmp_path / "whole"), everything(tmp_path / "split"))
     # metrics of the resumed run continue the first part's records, none duplicated
-    from fewstep.train.rundir import read_metrics
+    from fewstep.runs.folder import read_metrics
 
     assert [r["step"] for r in read_metrics(tmp_path / "split")] == [3, 6, 7, 9, 12]
 
@@ -92,7 +93,7 @@ def test_a_signal_saves_a_checkpoint_and_stops_cleanly(tmp_path, signum):
         train(method, cfg, tmp_path / "run", data=tiny_data())
     assert e.value.signum == signum and "--resume" in e.value.message
     assert signal.getsignal(signum) is handler  # the previous handler is back
-    assert ckpt.latest(tmp_path / "run" / "checkpoints").step == 4  # the iteration in flight completed
+    assert runck.latest(tmp_path / "run" / "checkpoints").step == 4  # the iteration in flight completed
     train(Pair(tiny_teacher()), cfg, tmp_path / "run", data=tiny_data(), resume=True)
     assert_same(everything(tmp_path / "whole"), everything(tmp_path / "run"))
 
@@ -111,7 +112,7 @@ def _sigint_at(method, step):
 def test_only_the_last_k_checkpoints_are_kept(tmp_path):
     train(Pair(tiny_teacher()), tiny_config(max_steps=10, checkpoint_every=2, keep_checkpoints=2), tmp_path,
           data=tiny_data())  # fmt: skip
-    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "checkpoints")] == ["step-00000010", "step-00000008"]
+    assert [p.name for p in runck.checkpoint_dirs(tmp_path / "checkpoints")] == ["step-00000010", "step-00000008"]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "delete", "state"])
@@ -127,11 +128,11 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, da
         target.write_bytes(target.read_bytes()[:100])
     elif damage in ("delete", "state"):
         target.unlink()
-    with pytest.warns(ckpt.CheckpointWarning, match="step-00000010"):
-        found = ckpt.latest(tmp_path / "checkpoints")
+    with pytest.warns(runck.CheckpointWarning, match="step-00000010"):
+        found = runck.latest(tmp_path / "checkpoints")
     assert found.step == 5
     # resuming uses the previous checkpoint and reproduces the uninterrupted run
-    with pytest.warns(ckpt.CheckpointWarning):
+    with pytest.warns(runck.CheckpointWarning):
         train(Pair(tiny_teacher()), tiny_config(max_steps=10, checkpoint_every=5), tmp_path, data=tiny_data(),
               resume=True)  # fmt: skip
     train(Pair(tiny_teacher()), tiny_config(max_steps=10, checkpoint_every=5), tmp_path / "ref", data=tiny_data())
@@ -154,9 +155,9 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path,
         train(Pair(tiny_teacher()), tiny_config(max_steps=10, checkpoint_every=3), tmp_path, data=tiny_data())
     monkeypatch.setattr(ckpt, "write_tensors", real)
     root = tmp_path / "checkpoints"
-    assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step-00000003"]
+    assert [p.name for p in runck.checkpoint_dirs(root)] == ["step-00000003"]
     assert (root / ".step-00000006.tmp" / "weights.safetensors").is_file()  # the half-written one, not committed
-    assert ckpt.latest(root).step == 3
+    assert runck.latest(root).step == 3
     train(Pair(tiny_teacher()), tiny_config(max_steps=10, checkpoint_every=3), tmp_path, data=tiny_data(), resume=True)
     assert not list(root.glob(".step-*.tmp"))  # stale staging folders are cleaned up by the next commit
     train(Pair(tiny_teacher()), tiny_config(max_steps=10, checkpoint_every=3), tmp_path / "ref", data=tiny_data())
@@ -179,7 +180,7 @@ def test_resume_rejects_a_checkpoint_of_another_method_or_shape(tmp_path):
 
 
 def newest_step(run_dir: Path) -> int:
-    dirs = ckpt.checkpoint_dirs(run_dir / "checkpoints")
+    dirs = runck.checkpoint_dirs(run_dir / "checkpoints")
     return int(dirs[0].name.split("-")[1]) if dirs else -1
 
 
@@ -234,7 +235,7 @@ def test_a_methods_extra_state_survives_a_resume(tmp_path):
             self.seen_batches = state["seen_batches"]
 
     train(Counting(tiny_teacher()), tiny_config(max_steps=5, grad_accum=2), tmp_path, data=tiny_data())
-    assert ckpt.latest(tmp_path / "checkpoints").meta["method_state"] == {"seen_batches": 10}
+    assert runck.latest(tmp_path / "checkpoints").meta["method_state"] == {"seen_batches": 10}
     resumed = Counting(tiny_teacher())
     train(resumed, tiny_config(max_steps=8, grad_accum=2), tmp_path, data=tiny_data(), resume=True)
     assert resumed.seen_batches == 16

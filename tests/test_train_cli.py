@@ -15,8 +15,8 @@ from engine_helpers import tiny_data, tiny_teacher
 from fewstep.cli import main
 from fewstep.errors import FewstepError
 from fewstep.options import build, coerce
+from fewstep.runs.folder import read_metrics
 from fewstep.train.config import TrainConfig
-from fewstep.train.rundir import read_metrics
 
 FAST = ["--set", "sample_n=0", "--set", "log_every=2", "--set", "cpu=true"]
 
@@ -285,7 +285,7 @@ def test_damaged_checkpoints_are_named_as_damaged(teacher_dir, tmp_path, capsys)
 
 
 def test_a_run_folder_is_locked_while_a_process_trains_into_it(teacher_dir, tmp_path, capsys):
-    from fewstep.train.rundir import LOCK, RunLock
+    from fewstep.runs.folder import LOCK, RunLock
 
     out = tmp_path / "run"
     held = RunLock(out)

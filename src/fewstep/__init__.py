@@ -1,10 +1,10 @@
 """fewstep: distill pre-trained diffusion models into 1-4 step generators, and measure them."""
 
-__version__ = "0.1.0"
+from fewstep.version import __version__
 
 _LAZY = {
     "distill": "fewstep.train",
-    "load_run": "fewstep.train",
+    "load_run": "fewstep.runs",
     "train_teacher": "fewstep.train.teacher",
     "TeacherOptions": "fewstep.train.teacher",
     "load_dataset": "fewstep.data",

@@ -12,8 +12,8 @@ import importlib
 import pkgutil
 import sys
 
-from fewstep import __version__
 from fewstep.errors import FewstepError
+from fewstep.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

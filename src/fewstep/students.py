@@ -139,3 +139,39 @@ class OneStepGenerator(nn.Module):
     def forward(self, z: Tensor, cond: Any = None) -> Tensor:
         sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device, dtype=z.dtype)
         return self.net(self.sigma_init * z, sigma, cond)
+
+
+# --- a student's parameterisation, as data (a chain records it so that reloading rebuilds it) ---
+def layout(student: nn.Module) -> list[str] | None:
+    """A student's parameterisation, outermost first (``["generator:80", "consistency"]``), or
+    ``None`` for a network fewstep cannot rebuild from the teacher."""
+    if isinstance(student, OneStepGenerator):
+        inner = layout(student.net)
+        return None if inner is None else [f"generator:{student.sigma_init!r}", *inner]
+    if isinstance(student, ConsistencyStudent) and _plain(student.net):
+        return ["consistency"]
+    if isinstance(student, FlowMapStudent):
+        return ["flowmap"]
+    if _plain(student):
+        return ["denoiser"]
+    return None
+
+
+def _plain(net: nn.Module) -> bool:
+    """A teacher-shaped EDM denoiser without extra scalar inputs."""
+    config = getattr(getattr(net, "net", None), "config", None)
+    return type(net) is EDMDenoiser and not getattr(config, "extra_dims", 0)
+
+
+def build_layout(spec: list[str], teacher: Denoiser) -> nn.Module:
+    """A student of parameterisation ``spec`` around fresh teacher copies (weights come later)."""
+    head, rest = spec[0], spec[1:]
+    if head.startswith("generator:"):
+        return OneStepGenerator(build_layout(rest, teacher), float(head.split(":", 1)[1]))
+    if head == "consistency":
+        return ConsistencyStudent(copy_teacher(teacher))
+    if head == "flowmap":
+        return FlowMapStudent(copy_teacher(teacher, extra_dims=1))
+    if head == "denoiser":
+        return copy_teacher(teacher)
+    raise FewstepError(f"unknown student layout {spec!r} in the run's config.json")

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fewstep.commands import Formatter
 from fewstep.commands.eval import add_protocol_args, settings_from, str_list
 from fewstep.errors import FewstepError
+
+if TYPE_CHECKING:
+    from fewstep.eval.evaluate import EvalSettings
 
 
 def per_method(pairs: list[str], methods: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -37,7 +42,7 @@ def per_method(pairs: list[str], methods: tuple[str, ...]) -> dict[str, dict[str
 
 
 def run(args) -> int:
-    from fewstep.eval.bench import bench, collect
+    from fewstep.eval.bench import collect
 
     line = "fewstep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.curves:
@@ -66,9 +71,75 @@ def run(args) -> int:
     return 0
 
 
-def curves(args, line: str) -> int:
-    from pathlib import Path
+def distill_and_evaluate(
+    teacher: str,
+    method: str,
+    run_dir: Path,
+    settings: EvalSettings,
+    minutes: float | None,
+    max_steps: int | None,
+    engine: dict,
+    progress=print,
+    options: dict | None = None,
+) -> dict:
+    """Distill one method into ``run_dir`` (engine settings and ``options``: the method's own or
+    per-method engine overrides such as ``batch``) and evaluate it; returns its results."""
+    from fewstep.train import distill
 
+    progress(f"== {method}: distilling ({minutes} min)" if minutes else f"== {method}: distilling ({max_steps} steps)")
+    kwargs = {**engine, **(options or {})}
+    distill(teacher, method, max_steps=max_steps, out=run_dir, minutes=minutes, overwrite=True, **kwargs)
+    progress(f"== {method}: evaluating")
+    from fewstep.eval.pipeline import evaluate, resolve
+
+    return evaluate(resolve(run_dir), settings, run_dir, progress=progress)
+
+
+def bench(
+    teacher: str,
+    methods: list[str],
+    out: str | Path,
+    settings: EvalSettings,
+    minutes: float | None,
+    max_steps: int | None = None,
+    engine: dict | None = None,
+    args_line: str = "",
+    progress=print,
+    options: dict[str, dict] | None = None,
+) -> tuple[list[dict], Path]:
+    """Run the bench (``options``: per-method option dicts); write ``leaderboard.md``,
+    ``leaderboard.csv`` and ``quality_vs_nfe.png``."""
+    import traceback
+
+    from fewstep.eval.bench import write_leaderboard
+    from fewstep.io import atomic_write_bytes
+    from fewstep.methods import get_method
+
+    settings.check()
+    for m in methods:
+        get_method(m)  # unknown names fail before any training
+    for m in options or {}:
+        if m not in methods:
+            raise FewstepError(f"options given for {m!r}, which is not in --methods; add it or drop its --set")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict | str] = {}
+    for m in methods:
+        try:
+            results[m] = distill_and_evaluate(teacher, m, out / "runs" / m, settings, minutes, max_steps,
+                                              engine or {}, progress, (options or {}).get(m))  # fmt: skip
+        except FewstepError as e:
+            results[m] = str(e)
+        except Exception as e:  # a broken method must not sink the others; the trace goes to the log
+            (out / "runs").mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "runs" / f"{m}.error.txt", traceback.format_exc().encode())
+            results[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        if isinstance(results[m], str):
+            progress(f"== {m}: failed: {results[m]}")
+    return write_leaderboard(results, out, args_line)
+
+
+def curves(args, line: str) -> int:
     from fewstep.eval.curves import curve, plot_curves, render_curves
     from fewstep.io import atomic_write_bytes, atomic_write_json
 

@@ -31,8 +31,8 @@ def facts_of(method: Any, run: str) -> dict:
 
 
 def run(args) -> int:
-    from fewstep.train import load_run
-    from fewstep.train.rundir import is_run_dir
+    from fewstep.runs import load_run
+    from fewstep.runs.folder import is_run_dir
 
     if args.format not in FORMATS:
         raise FewstepError(f"--format {args.format!r} is not supported; use one of {', '.join(FORMATS)}")

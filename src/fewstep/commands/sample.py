@@ -52,7 +52,7 @@ def generate_student(method, seeds, steps: int, label: int | None, batch: int = 
 
 def run_student(args) -> int:
     """The run-directory branch: a distilled student samples with its method's own sampler."""
-    from fewstep.train import load_run
+    from fewstep.runs import load_run
     from fewstep.viz import save_samples
 
     if args.solver is not None or args.guidance != 1.0:
@@ -69,8 +69,8 @@ def run_student(args) -> int:
 
 
 def run(args) -> int:
+    from fewstep.runs.folder import is_run_dir
     from fewstep.teachers import load_teacher
-    from fewstep.train.rundir import is_run_dir
     from fewstep.viz import save_samples
 
     if args.steps is not None and args.steps < 1:

@@ -1,11 +1,9 @@
-"""``fewstep bench``: several methods, one teacher, one budget; a leaderboard and one plot.
+"""Leaderboards: runs of several methods on one teacher, evaluated on one protocol, ranked.
 
-Each method is distilled through the engine (:func:`fewstep.train.distill`) into
-``OUT/runs/<method>`` with the same wall-clock budget, seed and batch (and its own options, if
-given), then evaluated by :func:`fewstep.eval.pipeline.evaluate` (its own report.md in the run
-directory). The teacher's reference and baseline rows are measured once (cached) and shared. A
-method that fails is recorded with its one-line error and the bench goes on. :func:`collect`
-ranks runs trained elsewhere (``fewstep distill``) on the same protocol.
+:func:`collect` evaluates run folders (``fewstep distill``, or the runs ``fewstep bench`` trains:
+its orchestration lives in :mod:`fewstep.commands.bench`) with :func:`fewstep.eval.pipeline.evaluate`
+and :func:`write_leaderboard` writes ``leaderboard.md``, ``leaderboard.csv`` and the quality-vs-NFE
+pictures. The teacher's reference and baseline rows are measured once (cached) and shared.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import traceback
 from pathlib import Path
 
 from fewstep.errors import FewstepError
@@ -22,28 +19,6 @@ from fewstep.eval.pipeline import evaluate as evaluate_subject
 from fewstep.eval.pipeline import resolve
 from fewstep.eval.report import SOLVER_NAMES, leaderboard_plot, machine
 from fewstep.io import atomic_write_bytes, atomic_write_json
-
-
-def distill_and_evaluate(
-    teacher: str,
-    method: str,
-    run_dir: Path,
-    settings: EvalSettings,
-    minutes: float | None,
-    max_steps: int | None,
-    engine: dict,
-    progress=print,
-    options: dict | None = None,
-) -> dict:
-    """Distill one method into ``run_dir`` (engine settings and ``options``: the method's own or
-    per-method engine overrides such as ``batch``) and evaluate it; returns its results."""
-    from fewstep.train import distill
-
-    progress(f"== {method}: distilling ({minutes} min)" if minutes else f"== {method}: distilling ({max_steps} steps)")
-    kwargs = {**engine, **(options or {})}
-    distill(teacher, method, max_steps=max_steps, out=run_dir, minutes=minutes, overwrite=True, **kwargs)
-    progress(f"== {method}: evaluating")
-    return evaluate_subject(resolve(run_dir), settings, run_dir, progress=progress)
 
 
 def leaderboard_rows(results: dict[str, dict | str]) -> list[dict]:
@@ -126,46 +101,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def bench(
-    teacher: str,
-    methods: list[str],
-    out: str | Path,
-    settings: EvalSettings,
-    minutes: float | None,
-    max_steps: int | None = None,
-    engine: dict | None = None,
-    args_line: str = "",
-    progress=print,
-    options: dict[str, dict] | None = None,
-) -> tuple[list[dict], Path]:
-    """Run the bench (``options``: per-method option dicts); write ``leaderboard.md``,
-    ``leaderboard.csv`` and ``quality_vs_nfe.png``."""
-    from fewstep.methods import get_method
-
-    settings.check()
-    for m in methods:
-        get_method(m)  # unknown names fail before any training
-    for m in options or {}:
-        if m not in methods:
-            raise FewstepError(f"options given for {m!r}, which is not in --methods; add it or drop its --set")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict | str] = {}
-    for m in methods:
-        try:
-            results[m] = distill_and_evaluate(teacher, m, out / "runs" / m, settings, minutes, max_steps,
-                                              engine or {}, progress, (options or {}).get(m))  # fmt: skip
-        except FewstepError as e:
-            results[m] = str(e)
-        except Exception as e:  # a broken method must not sink the others; the trace goes to the log
-            (out / "runs").mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out / "runs" / f"{m}.error.txt", traceback.format_exc().encode())
-            results[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-        if isinstance(results[m], str):
-            progress(f"== {m}: failed: {results[m]}")
-    return write_leaderboard(results, out, args_line)
 
 
 def collect(run_dirs: list[str | Path], out: str | Path, settings: EvalSettings, args_line: str = "",

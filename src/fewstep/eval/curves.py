@@ -28,12 +28,12 @@ class Point:
 def checkpoints_of(run_dir: Path) -> list[tuple[float, str]]:
     """(own minutes, checkpoint name) for a run's minute marks and its final checkpoint."""
     from fewstep.eval.speed import run_cost
-    from fewstep.train import checkpoint as ckpt
+    from fewstep.runs import checkpoints as runck
 
-    marks = [(float(c.meta["elapsed_minutes"]), c.path.name) for c in ckpt.snapshots(run_dir / "checkpoints")]
-    final = ckpt.latest(run_dir / "checkpoints")
+    marks = [(float(c.meta["elapsed_minutes"]), c.path.name) for c in runck.snapshots(run_dir / "checkpoints")]
+    final = runck.latest(run_dir / "checkpoints")
     if final is None:
-        raise FewstepError(f"run {run_dir} {ckpt.unusable(run_dir / 'checkpoints', 'train it first')}")
+        raise FewstepError(f"run {run_dir} {runck.unusable(run_dir / 'checkpoints', 'train it first')}")
     cost = run_cost(run_dir)
     own = cost.get("own_minutes", cost.get("minutes"))
     if final.path.name not in {name for _, name in marks}:
@@ -45,8 +45,7 @@ def curve(run_dir: str | Path, settings, weights: tuple[str, ...] = ("ema", "raw
     """Score every minute mark of ``run_dir`` at 1 NFE; returns ``{"run", "label", "points", ...}``."""
     from fewstep.eval.evaluate import Evaluator
     from fewstep.eval.sampling import student_sampler
-    from fewstep.train import load_run
-    from fewstep.train.api import run_data
+    from fewstep.runs import load_run, run_data
 
     run_dir = Path(run_dir)
     first = load_run(run_dir)

@@ -68,14 +68,13 @@ def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None, weig
     ``default_steps`` up to 4 (1, 2, 4 for multi-step students)."""
     if weights not in ("ema", "raw"):
         raise FewstepError(f"--weights must be ema or raw, got {weights!r}")
+    from fewstep.runs.folder import is_run_dir
     from fewstep.teachers import load_teacher
-    from fewstep.train.rundir import is_run_dir
 
     path = Path(str(spec))
     if path.is_dir() and is_run_dir(path):
         from fewstep.eval.speed import run_cost
-        from fewstep.train import load_run
-        from fewstep.train.api import run_data
+        from fewstep.runs import load_run, run_data
 
         method = load_run(path, ema=weights == "ema")
         cfg = method.run["config"]

@@ -132,7 +132,7 @@ def _own_cost(run_dir: Path) -> dict:
         info = read_json(run_dir / "student" / "config.json").get("info", {})
     if "minutes" in info and "step" in info:
         return {"minutes": info["minutes"], "steps": info["step"], "stopped_by": info.get("stopped_by")}
-    from fewstep.train.rundir import read_metrics
+    from fewstep.runs.folder import read_metrics
 
     records = [r for r in read_metrics(run_dir) if "elapsed_s" in r]
     if not records:

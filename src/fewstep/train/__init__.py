@@ -52,7 +52,8 @@ CLI uses :func:`default_eval_hook`, which picks up ``fewstep.eval.training_hook`
 
 from __future__ import annotations
 
-from fewstep.train.api import distill, load_run
+from fewstep.runs import load_run
+from fewstep.train.api import distill
 from fewstep.train.config import TrainConfig
 from fewstep.train.loop import TrainingInterrupted, train
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,7 @@ from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
 from fewstep.options import build, coerce, field_types, to_json
-from fewstep.train.config import (
-    EMA_KEYS,
-    NEW_RUN_DEFAULTS,
-    RESUMABLE,
-    Sources,
-    TrainConfig,
-    build_train_config,
-    split_options,
-)
-from fewstep.train.rundir import (
+from fewstep.runs.folder import (
     RUN_FORMAT,
     RunLock,
     check_out_dir,
@@ -33,6 +23,16 @@ from fewstep.train.rundir import (
     run_teacher,
     save_student,
     save_teacher,
+)
+from fewstep.runs.load import data_record, load_checkpoint_into, run_data, save_data
+from fewstep.train.config import (
+    EMA_KEYS,
+    NEW_RUN_DEFAULTS,
+    RESUMABLE,
+    Sources,
+    TrainConfig,
+    build_train_config,
+    split_options,
 )
 
 RUN_VERSION = 1
@@ -55,7 +55,7 @@ class Plan:
 
     def config(self) -> dict[str, Any]:
         """The JSON written to ``config.json`` (and printed by ``--dry-run``)."""
-        from fewstep import __version__
+        from fewstep.version import __version__
 
         m = self.method_cls
         return {
@@ -197,9 +197,6 @@ def _resume_teacher(out: Path) -> Denoiser:
     return run_teacher(out, read_run_config(out))
 
 
-DATA_FILE = "data.safetensors"  # data given to fewstep.distill as an object, kept for resume and eval
-
-
 def resolve_data(plan: Plan, method: Method) -> Dataset | None:
     """The data of a method that needs it: the given object, ``--data``, the copy a resumed run
     saved, or the teacher's own."""
@@ -245,7 +242,7 @@ def execute(plan: Plan, eval_hook=None) -> Method:
     device = "cpu" if plan.cfg.cpu else state.device
     check_run(plan.cfg, method, data, state.num_processes, device)
     if plan.resume:
-        from fewstep.train.checkpoint import latest, unusable
+        from fewstep.runs.checkpoints import latest, unusable
 
         if latest(plan.out / "checkpoints") is None:
             raise FewstepError(
@@ -267,7 +264,8 @@ def make_method(plan: Plan, state) -> tuple[Method, dict[str, Any] | None]:
     """The method of ``plan`` (identically initialised on every process) and, for a chain, the
     ``init`` record of ``config.json``: a new run starts from ``--init``'s student, a resumed one
     rebuilds the student layout its chain recorded (the weights come from the checkpoint)."""
-    from fewstep.train.warmstart import build_method, warm_start
+    from fewstep.runs.load import build_method
+    from fewstep.train.warmstart import warm_start
 
     if plan.resume:
         init = read_run_config(plan.out).get("init")
@@ -320,50 +318,6 @@ def _write_and_train(plan: Plan, state, method: Method, data: Dataset | None, co
     return finish(method, plan.out, summary)
 
 
-def data_record(data: Dataset | None) -> dict[str, Any] | None:
-    """How a run's data is written in its config: the spec that reloads it, or ``saved`` (a data
-    set built in Python, kept as ``data.safetensors`` in the run)."""
-    if data is None:
-        return None
-    spec = data.spec.to_dict() if data.spec is not None else None
-    return {"spec": spec, "saved": spec is None, "name": data.name, "size": len(data)}
-
-
-def save_data(data: Dataset, out: Path) -> None:
-    from fewstep.io import save_tensors
-
-    tensors = {"x": data.x.contiguous()}
-    if data.labels is not None:
-        tensors["labels"] = data.labels.contiguous()
-    save_tensors(out / DATA_FILE, tensors, metadata={"num_classes": str(data.num_classes), "name": data.name})
-
-
-def load_saved_data(run_dir: Path) -> Dataset:
-    from safetensors import safe_open
-
-    from fewstep.io import load_tensors
-
-    path = Path(run_dir) / DATA_FILE
-    t = load_tensors(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return Dataset(t["x"], t.get("labels"), int(meta.get("num_classes", 0)), meta.get("name", str(path)))
-
-
-def run_data(run_dir: Path, config: dict[str, Any]) -> Any:
-    """What a run trained on: a :class:`~fewstep.data.DataSpec`, a :class:`Dataset` (saved in the
-    run), or ``None`` (data-free methods)."""
-    from fewstep.data import parse_data
-
-    train = config.get("train", {}).get("data")
-    record = config.get("data") or {}
-    if record.get("saved") and (Path(run_dir) / DATA_FILE).is_file():
-        return load_saved_data(run_dir)
-    if record.get("spec"):
-        return parse_data(record["spec"])
-    return parse_data(train) if train else None
-
-
 def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
     """Move the evaluation EMA into ``method.student`` and save it as ``out/student``.
 
@@ -396,12 +350,12 @@ def load_sharded_eval_ema(method: Method, out: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
     from torch.distributed.tensor import distribute_tensor
 
-    from fewstep.train import checkpoint as ckpt
+    from fewstep.runs import checkpoints as runck
     from fewstep.train.distributed import full
 
-    found = ckpt.latest(out / "checkpoints")
+    found = runck.latest(out / "checkpoints")
     if found is None:
-        raise FewstepError(f"run {out} {ckpt.unusable(out / 'checkpoints', 'nothing to save as its student')}")
+        raise FewstepError(f"run {out} {runck.unusable(out / 'checkpoints', 'nothing to save as its student')}")
     student = method.networks()["student"]
     expected = student.state_dict()
     with safe_open(str(found.path / "weights.safetensors"), framework="pt") as f:
@@ -412,90 +366,6 @@ def load_sharded_eval_ema(method: Method, out: Path) -> dict[str, torch.Tensor]:
     student.load_state_dict(part)
     student.eval().requires_grad_(False)
     return {k: full(v) for k, v in student.state_dict().items()}
-
-
-# --- loading runs back --------------------------------------------------------------------------
-def load_checkpoint_into(method: Method, run_dir: Path, ema: bool = True, checkpoint: str | Path | None = None) -> int:
-    """Load a run's checkpoint (newest intact one, or ``checkpoint``) into ``method``; with
-    ``ema`` the student gets the evaluation-EMA weights. Returns the checkpoint's step."""
-    from fewstep.train import checkpoint as ckpt
-    from fewstep.train.checkpoint import load_weights
-    from fewstep.train.loop import prepare
-
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        path = path if path.is_absolute() or path.exists() else run_dir / "checkpoints" / path
-        problem = ckpt.verify(path)
-        if problem:
-            raise FewstepError(f"checkpoint {path} is unusable ({problem})")
-        found = ckpt.Checkpoint(path, json.loads((path / "state.json").read_text()))
-    else:
-        found = ckpt.latest(run_dir / "checkpoints")
-        if found is None:
-            raise FewstepError(
-                f"run {run_dir} {ckpt.unusable(run_dir / 'checkpoints', 'train it first (fewstep distill)')}"
-            )
-    if found.meta.get("method") != method.name:
-        raise FewstepError(
-            f"checkpoint {found.path} belongs to method {found.meta.get('method')!r}, not {method.name!r}"
-        )
-    device = next(method.networks()["student"].parameters()).device
-    setup = prepare(method, device)
-    load_weights(method, setup, found.tensors("weights.safetensors"), found.path)
-    if ema:
-        setup.nets["student"].load_state_dict(setup.eval_ema.target.state_dict())
-    method.load_extra_state(found.meta.get("method_state", {}))
-    for net in [*setup.nets.values(), *(t.ema.target for t in setup.emas.values())]:
-        net.eval().requires_grad_(False)
-    return found.step
-
-
-def load_run(
-    path: str | Path,
-    *,
-    ema: bool = True,
-    checkpoint: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    teacher: Denoiser | None = None,
-) -> Method:
-    """Load a finished or partial run back as its method, ready to sample and evaluate.
-
-    Rebuilds the teacher (its builtin/analytic name or folder, or the copy saved in the run), the
-    method with the run's options, and loads the newest intact checkpoint (or ``checkpoint``, a
-    ``step-XXXXXXXX`` name or path). With ``ema=True`` (default) ``method.student`` holds the
-    evaluation-EMA weights — the student a run produces; ``ema=False`` gives the raw weights.
-    Every network is in eval mode without gradients.
-
-    Args:
-        path: the run directory (``runs/x``).
-        ema: load the evaluation EMA into the student (``False``: the raw trained weights).
-        checkpoint: a specific checkpoint instead of the newest.
-        device: where to place the networks.
-        teacher: the teacher object, for runs whose teacher could not be saved.
-
-    Returns:
-        The :class:`~fewstep.methods.Method`; ``method.sample(noise, steps, cond)`` draws from the
-        student, and ``method.run`` is ``{"path", "step", "config"}``.
-
-    Example:
-        >>> method = load_run("runs/x")  # doctest: +SKIP
-        >>> x = method.sample(torch.randn(16, *method.teacher.sample_shape), steps=1)  # doctest: +SKIP
-    """
-    from fewstep.methods import get_method
-    from fewstep.train.warmstart import build_method
-
-    path = Path(path)
-    config = read_run_config(path)
-    cls = get_method(config["method"]["name"])
-    options = build(cls.Config, config["method"]["options"], f"method {cls.name}")
-    teacher = run_teacher(path, config, teacher)
-    torch.manual_seed(config["train"].get("seed", 0))
-    method = build_method(cls, teacher, options, config.get("init"))
-    for module in [*method.networks().values(), *method.frozen().values()]:
-        module.to(device)
-    step = load_checkpoint_into(method, path, ema=ema, checkpoint=checkpoint)
-    method.run = {"path": str(path), "step": step, "config": config}
-    return method
 
 
 # --- the Python entry point ---------------------------------------------------------------------

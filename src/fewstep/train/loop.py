@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from fewstep.data import Dataset
 from fewstep.errors import FewstepError
 from fewstep.methods.base import EMASpec, Method, OptimizerSpec
-from fewstep.train import checkpoint as ckpt
+from fewstep.runs import checkpoints as runck
+from fewstep.runs.folder import Metrics
 from fewstep.train.checkpoint import restore, save
 from fewstep.train.config import TrainConfig
 from fewstep.train.distributed import (
@@ -48,7 +49,6 @@ from fewstep.train.distributed import (
 from fewstep.train.ema import EMA, swap_weights
 from fewstep.train.feed import Feeder, check_data
 from fewstep.train.progress import Progress, Window, log_window
-from fewstep.train.rundir import Metrics
 
 EvalHook = Callable[[Method, int, Path], "dict[str, float] | None"]
 DATA_STREAM = 1 << 32  # seed-sequence key of the shared data sampler (ranks use 0 .. world-1)
@@ -348,7 +348,7 @@ def train(
 
 
 def nonfinite_error(stats: dict[str, float], step: int, run_dir: Path) -> FewstepError:
-    last = ckpt.checkpoint_dirs(run_dir / "checkpoints")
+    last = runck.checkpoint_dirs(run_dir / "checkpoints")
     return FewstepError(
         f"{int(stats['streak'])} non-finite losses in a row by step {step} ({int(stats['nonfinite'])} in all); "
         f"stopped without saving — the last checkpoint ({last[0].name if last else 'none'}) is intact: "

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from fewstep.methods.base import OptimizerSpec
+from fewstep.runs.folder import Metrics
 from fewstep.train.config import TrainConfig
-from fewstep.train.rundir import Metrics
 
 if TYPE_CHECKING:
     from fewstep.train.loop import Run

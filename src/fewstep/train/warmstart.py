@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewstep.denoiser import Denoiser, EDMDenoiser
+from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
-from fewstep.students import ConsistencyStudent, FlowMapStudent, OneStepGenerator, copy_teacher
+from fewstep.students import ConsistencyStudent, FlowMapStudent, OneStepGenerator, copy_teacher, layout
 
 TOLERANCE = 1e-3  # max |one-step sample difference| / sigma_data for a warm start to count as exact
 
@@ -57,42 +57,6 @@ def chainable() -> list[str]:
     from fewstep.methods import available
 
     return sorted(n for n, c in available().items() if accepts_student(c))
-
-
-# --- the parameterisation of a student, so that a resumed or reloaded chain rebuilds it -------------
-def layout(student: nn.Module) -> list[str] | None:
-    """A student's parameterisation, outermost first (``["generator:80", "consistency"]``), or
-    ``None`` for a network fewstep cannot rebuild from the teacher."""
-    if isinstance(student, OneStepGenerator):
-        inner = layout(student.net)
-        return None if inner is None else [f"generator:{student.sigma_init!r}", *inner]
-    if isinstance(student, ConsistencyStudent) and _plain(student.net):
-        return ["consistency"]
-    if isinstance(student, FlowMapStudent):
-        return ["flowmap"]
-    if _plain(student):
-        return ["denoiser"]
-    return None
-
-
-def _plain(net: nn.Module) -> bool:
-    """A teacher-shaped EDM denoiser without extra scalar inputs."""
-    config = getattr(getattr(net, "net", None), "config", None)
-    return type(net) is EDMDenoiser and not getattr(config, "extra_dims", 0)
-
-
-def build_layout(spec: list[str], teacher: Denoiser) -> nn.Module:
-    """A student of parameterisation ``spec`` around fresh teacher copies (weights come later)."""
-    head, rest = spec[0], spec[1:]
-    if head.startswith("generator:"):
-        return OneStepGenerator(build_layout(rest, teacher), float(head.split(":", 1)[1]))
-    if head == "consistency":
-        return ConsistencyStudent(copy_teacher(teacher))
-    if head == "flowmap":
-        return FlowMapStudent(copy_teacher(teacher, extra_dims=1))
-    if head == "denoiser":
-        return copy_teacher(teacher)
-    raise FewstepError(f"unknown student layout {spec!r} in the run's config.json")
 
 
 # --- converting one parameterisation into another ----------------------------------------------------
@@ -157,7 +121,7 @@ def one_step_gap(a: Method, b: Method, n: int = 8, seed: int = 0) -> float:
 # --- the entry points ----------------------------------------------------------------------------------
 def read_init(init: str | Path, out: Path) -> Path:
     """The run folder ``init`` names, checked (one-line errors)."""
-    from fewstep.train.rundir import is_run_dir
+    from fewstep.runs.folder import is_run_dir
 
     path = Path(init).expanduser().resolve()
     if not path.is_dir() or not is_run_dir(path):
@@ -173,7 +137,7 @@ def warm_start(
     """``cls`` built around the student of run ``init`` (and its fake score where both have one);
     returns the method and the ``init`` record for ``config.json``."""
     from fewstep.eval.speed import run_cost
-    from fewstep.train.api import load_run
+    from fewstep.runs import load_run
 
     if not accepts_student(cls):
         raise FewstepError(
@@ -231,11 +195,3 @@ def warm_start(
         "one_step_gap": gap,
     }
     return method, record
-
-
-def build_method(cls: type[Method], teacher: Denoiser, options: Any, init_record: dict[str, Any] | None) -> Method:
-    """The method of a run (resumed or reloaded): rebuilt around the layout its chain recorded."""
-    spec = (init_record or {}).get("layout")
-    if spec:
-        return cls(teacher, options, student=build_layout(spec, teacher))
-    return cls(teacher, options)
