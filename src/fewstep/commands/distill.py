@@ -38,9 +38,6 @@ def run(args) -> int:
         "init": args.init,
         "snapshot_minutes": args.snapshot_minutes,
     }
-    if args.minutes is not None and args.max_steps is None and "max_steps" not in file:
-        flags["max_steps"] = None
-        file = {**file, "max_steps": None}
     out = args.out or file.pop("out", None)
     plan = plan_run(Sources(file, flags, parse_sets(args.set)), out, resume=args.resume, overwrite=args.overwrite)
     if args.dry_run:

@@ -33,6 +33,7 @@ from fewstep.train.config import (
     TrainConfig,
     build_train_config,
     split_options,
+    wall_clock_rule,
 )
 
 RUN_VERSION = 1
@@ -92,13 +93,13 @@ def plan_run(
     check_out_dir(out, resume, overwrite)
     if resume:
         sources = _resume_sources(out, sources)
-    engine = dict(sources.file)
-    engine.update({k: v for k, v in sources.flags.items() if v is not None})
-    name = engine.get("method") or sources.sets.get("method") or sources.sets.get("train.method")
+    name = {**sources.file, **{k: v for k, v in sources.flags.items() if v is not None}}.get("method")
+    name = name or sources.sets.get("method") or sources.sets.get("train.method")
     if not name:
         raise FewstepError("give a method (--method NAME; `fewstep methods` lists them)")
     method_cls = get_method(str(name))
     engine_opts, method_opts = split_options(sources, _fields(method_cls.Config))
+    engine_opts.pop("method", None)
     if teacher is not None:
         engine_opts["teacher"] = engine_opts.get("teacher") or ""
     elif not resume and not engine_opts.get("teacher"):
@@ -184,9 +185,8 @@ def _resume_sources(out: Path, sources: Sources) -> Sources:
     for key, value in to_json(build(cls.Config, options, f"method {cls.name}")).items():
         if key in options and value != saved_options[key]:
             raise FewstepError(f"{out} was made with {key}={saved_options[key]!r}; --resume cannot change it")
-    if "minutes" in budget and "max_steps" not in budget:
-        budget["max_steps"] = None
-    return Sources(file={**train, **budget, "options": method["options"], "method": method["name"]})
+    train.pop("method", None)  # runs before 2026-12 kept the method name here too
+    return Sources(file={**train, **wall_clock_rule(budget), "options": method["options"], "method": method["name"]})
 
 
 def _fields(cls: type) -> set[str]:
@@ -415,7 +415,7 @@ def distill(
     method_opts = {**(options or {}), **{k: v for k, v in kwargs.items() if k not in engine_fields}}
     if method is not None or not resume:
         engine["method"] = method or "denoise"
-    if max_steps is not None or engine.get("minutes") is not None:
+    if max_steps is not None:
         engine["max_steps"] = max_steps
     obj_teacher = teacher if isinstance(teacher, Denoiser) else None
     if obj_teacher is None and teacher is not None:
@@ -427,7 +427,7 @@ def distill(
         if resume:
             raise FewstepError("resume=True needs the run's out= folder")
         out = tempfile.mkdtemp(prefix="fewstep-run-")
-    sources = Sources(file={**engine, "options": method_opts} if method_opts else engine)
+    sources = Sources(flags=engine, options=method_opts)
     plan = plan_run(sources, out, teacher=obj_teacher, data=obj_data, resume=resume, overwrite=overwrite)
     if resume and obj_teacher is not None:
         plan.teacher = obj_teacher

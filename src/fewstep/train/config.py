@@ -50,7 +50,6 @@ class TrainConfig:
     """
 
     teacher: str = ""
-    method: str = ""
     data: str | dict | None = None  # data for methods that need it (a spec; saved whole); default: the teacher's
     init: str | None = None  # start the student from this run's student (a warm-started chain; train/warmstart.py)
     max_steps: int | None = 1000
@@ -158,23 +157,32 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
 
 @dataclass
 class Sources:
-    """Options from every source, lowest precedence first: a config file, flags, ``--set``."""
+    """Options from every source, lowest precedence first: a config file, flags (``None``: not given),
+    ``--set``; ``options`` are method options given as Python values (``fewstep.distill(..., lr=...)``)."""
 
     file: dict[str, Any] = field(default_factory=dict)
     flags: dict[str, Any] = field(default_factory=dict)
     sets: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def wall_clock_rule(engine: dict[str, Any]) -> dict[str, Any]:
+    """A run given ``minutes`` and no ``max_steps`` stops by the clock alone (no default iteration cap)."""
+    if engine.get("minutes") is not None and "max_steps" not in engine:
+        return {**engine, "max_steps": None}
+    return engine
 
 
 def split_options(sources: Sources, method_fields: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge the sources into ``(engine options, method options)``. A ``--set`` key goes to the engine
     if :class:`TrainConfig` has it, else to the method; ``train.KEY`` / ``options.KEY`` force a side."""
-    engine_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    engine_keys = {f.name for f in dataclasses.fields(TrainConfig)} | {"method"}
     file = dict(sources.file)
     method_opts = file.pop("options", None) or {}
     if not isinstance(method_opts, dict):
         raise FewstepError("'options' in the config file must be a mapping of method options")
     engine = {**file, **{k: v for k, v in sources.flags.items() if v is not None}}
-    method = dict(method_opts)
+    method = {**method_opts, **sources.options}
     for key, value in sources.sets.items():
         side, dot, name = key.partition(".")
         if dot and side in ("train", "options", "method"):
@@ -185,7 +193,7 @@ def split_options(sources: Sources, method_fields: set[str]) -> tuple[dict[str, 
             engine[key] = value
         else:
             method[key] = value
-    return engine, method
+    return wall_clock_rule(engine), method
 
 
 def build_train_config(options: dict[str, Any]) -> TrainConfig:
