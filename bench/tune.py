@@ -27,8 +27,8 @@ import torch
 from fewstep.eval.evaluate import EvalSettings, Evaluator
 from fewstep.eval.sampling import student_sampler
 from fewstep.options import coerce, field_types
-from fewstep.runs import load_run, read_metrics
 from fewstep.runs import checkpoints as runck
+from fewstep.runs import load_run, read_metrics
 from fewstep.train import distill
 from fewstep.train.config import parse_sets
 
