@@ -9,8 +9,8 @@ import torch
 
 from engine_helpers import tiny_data, tiny_teacher
 from fewstep.errors import FewstepError
-from fewstep.eval.speed import run_cost
 from fewstep.runs import checkpoints as runck
+from fewstep.runs.folder import run_cost
 from fewstep.students import ConsistencyStudent, OneStepGenerator
 from fewstep.train import distill, load_run
 from fewstep.train.warmstart import one_step_gap

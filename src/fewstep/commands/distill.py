@@ -20,7 +20,7 @@ from fewstep.commands import Formatter, add_data_args
 
 def run(args) -> int:
     from fewstep.commands import data_spec
-    from fewstep.train import TrainingInterrupted, default_eval_hook
+    from fewstep.train import TrainingInterrupted
     from fewstep.train.api import execute, plan_run
     from fewstep.train.config import Sources, parse_sets, read_config_file
 
@@ -58,6 +58,14 @@ def run(args) -> int:
     print(f"{method.name}: {s['step']} steps in {s['minutes']:.1f} min (stopped by {s['stopped_by']}, "
           f"{s['nonfinite']} non-finite skipped); student in {plan.out}/student")  # fmt: skip
     return 0
+
+
+def default_eval_hook():
+    """``fewstep.eval.training_hook`` if the evaluation package provides one, else ``None`` (the
+    command line sits above both the engine and evaluation, so it connects them)."""
+    import fewstep.eval as ev
+
+    return getattr(ev, "training_hook", None)
 
 
 def leave_process_group() -> None:

@@ -27,8 +27,8 @@ class Point:
 
 def checkpoints_of(run_dir: Path) -> list[tuple[float, str]]:
     """(own minutes, checkpoint name) for a run's minute marks and its final checkpoint."""
-    from fewstep.eval.speed import run_cost
     from fewstep.runs import checkpoints as runck
+    from fewstep.runs.folder import run_cost
 
     marks = [(float(c.meta["elapsed_minutes"]), c.path.name) for c in runck.snapshots(run_dir / "checkpoints")]
     final = runck.latest(run_dir / "checkpoints")

@@ -85,7 +85,7 @@ class ClassifierFeatures(Features):
 
     def __init__(self, folder: str | Path | None = None, prefix: str = "digits-cnn") -> None:
         super().__init__()
-        from fewstep.eval.classifier import load_classifier, shipped_path
+        from fewstep.networks.classifier import load_classifier, shipped_path
 
         folder = Path(folder) if folder is not None else shipped_path()
         self.net = load_classifier(folder)

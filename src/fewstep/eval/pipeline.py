@@ -73,8 +73,8 @@ def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None, weig
 
     path = Path(str(spec))
     if path.is_dir() and is_run_dir(path):
-        from fewstep.eval.speed import run_cost
         from fewstep.runs import load_run, run_data
+        from fewstep.runs.folder import run_cost
 
         method = load_run(path, ema=weights == "ema")
         cfg = method.run["config"]

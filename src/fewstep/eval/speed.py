@@ -103,39 +103,3 @@ def measure_speed(
         peak = (hwm - base) / 1024 if (can_reset and hwm is not None and base is not None) else None
     latency = statistics.median(times)
     return Speed(sampler.nfe, batch, latency, batch / latency, peak)
-
-
-def run_cost(run_dir: str | Path) -> dict:
-    """Distillation wall time (minutes) and optimizer iterations of a run: the summary saved with
-    its student (``student/config.json``), else the last record of ``metrics.jsonl``. A warm-started
-    chain (``--init``) counts the whole chain: ``minutes`` and ``steps`` add the earlier runs',
-    ``chain`` names the methods in order and ``own_minutes`` is this run's part."""
-    from fewstep.io import read_json
-
-    run_dir = Path(run_dir)
-    cost = _own_cost(run_dir)
-    config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
-    init = config.get("init") or {}
-    if init and cost["minutes"] is not None and init.get("minutes") is not None:
-        cost["own_minutes"] = cost["minutes"]
-        cost["minutes"] = round(cost["minutes"] + init["minutes"], 3)
-        cost["steps"] = cost["steps"] + (init.get("steps") or 0)
-        cost["chain"] = [*init.get("chain", []), config["method"]["name"]]
-    return cost
-
-
-def _own_cost(run_dir: Path) -> dict:
-    from fewstep.io import read_json
-
-    info = {}
-    if (run_dir / "student" / "config.json").is_file():
-        info = read_json(run_dir / "student" / "config.json").get("info", {})
-    if "minutes" in info and "step" in info:
-        return {"minutes": info["minutes"], "steps": info["step"], "stopped_by": info.get("stopped_by")}
-    from fewstep.runs.folder import read_metrics
-
-    records = [r for r in read_metrics(run_dir) if "elapsed_s" in r]
-    if not records:
-        return {"minutes": None, "steps": None, "stopped_by": None}
-    last = records[-1]
-    return {"minutes": round(last["elapsed_s"] / 60, 3), "steps": last["step"], "stopped_by": None}

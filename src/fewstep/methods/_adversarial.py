@@ -101,7 +101,7 @@ def feature_network(spec: str | nn.Module, teacher: Denoiser, trainable: bool = 
     if spec == "classifier":
         if tuple(teacher.sample_shape) != (1, 8, 8):
             raise FewstepError("the shipped classifier reads 1x8x8 digits; use features=teacher for this teacher")
-        from fewstep.eval.classifier import load_classifier
+        from fewstep.networks.classifier import load_classifier
 
         return ImageFeatures(ClassifierBackbone(load_classifier()))
     raise FewstepError(f"unknown discriminator features {spec!r}; use one of {', '.join(FEATURES)} or pass a module")

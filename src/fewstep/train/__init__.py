@@ -47,7 +47,7 @@ What a method can rely on (the contract of :mod:`fewstep.methods.base`, as the e
 Evaluation hook: ``eval_hook(method, step, run_dir) -> dict | None`` runs on the main process every
 ``eval_every`` iterations and at the end, with the evaluation EMA in the student's place, in eval
 mode, under ``torch.no_grad`` and a forked RNG; a returned dict is logged as ``eval/<key>``. The
-CLI uses :func:`default_eval_hook`, which picks up ``fewstep.eval.training_hook`` when it exists.
+CLI (:mod:`fewstep.commands.distill`) passes ``fewstep.eval.training_hook`` when it exists.
 """
 
 from __future__ import annotations
@@ -57,14 +57,4 @@ from fewstep.train.api import distill
 from fewstep.train.config import TrainConfig
 from fewstep.train.loop import TrainingInterrupted, train
 
-
-def default_eval_hook():
-    """``fewstep.eval.training_hook`` if the evaluation package provides one, else ``None``."""
-    try:
-        import fewstep.eval as ev
-    except ImportError:  # pragma: no cover - the package is always there once installed
-        return None
-    return getattr(ev, "training_hook", None)
-
-
-__all__ = ["TrainConfig", "TrainingInterrupted", "default_eval_hook", "distill", "load_run", "train"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "distill", "load_run", "train"]

@@ -27,7 +27,7 @@ recorded (``init.one_step_gap``) — it is not zero where the new method samples
 level, e.g. ``cd`` -> ``ladd`` (80 -> ADD's 7.3). Methods that rebuild their student from the teacher round by
 round (``progressive``, ``tract``, ``guided``, ``lightning``) and ``denoise`` cannot start from a
 run. A chain's cost is the whole chain's: ``config.json`` records the earlier runs' minutes and
-method names, and reports and leaderboards add them (:func:`fewstep.eval.speed.run_cost`).
+method names, and reports and leaderboards add them (:func:`fewstep.runs.folder.run_cost`).
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ def warm_start(
 ) -> tuple[Method, dict[str, Any]]:
     """``cls`` built around the student of run ``init`` (and its fake score where both have one);
     returns the method and the ``init`` record for ``config.json``."""
-    from fewstep.eval.speed import run_cost
     from fewstep.runs import load_run
+    from fewstep.runs.folder import run_cost
 
     if not accepts_student(cls):
         raise FewstepError(
