@@ -26,7 +26,7 @@ LCM options (``preset lcm`` registers them as defaults):
 Sampling is multistep consistency sampling (Algorithm 1): ``x0 = f(sigma_max z, sigma_max)``, then
 for each further level ``tau``: ``x = x0 + sqrt(tau^2 - sigma_min^2) z'``, ``x0 = f(x, tau)``.
 
-Defaults: N = 18, Heun, mu = 0.95 (METHODS.md; the ImageNet-64 CD launch script), L2, Adam
+Defaults: N = 18, Heun, mu = 0.95 (the project's method reference; the ImageNet-64 CD launch script), L2, Adam
 lr 4e-4 (CIFAR-10 CD, paper Table 3); 2-step sampling at (sigma_max, 0.821), the paper's CIFAR-10
 choice (other step counts use the inner points of a Karras grid). Deviations: LPIPS (the paper's best distance) is not
 offered — it needs ImageNet-trained weights fewstep cannot download, and it leaks ImageNet

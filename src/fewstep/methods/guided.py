@@ -16,7 +16,7 @@ Guidance scales use fewstep's convention (:func:`fewstep.guidance.cfg`): ``w = 1
 conditional model, and the paper's ``w'`` is ``w - 1``. ``sample(..., guidance=w)`` picks the
 scale at sampling time (default ``config.guidance``).
 
-Deviations: the paper trains with ``w' in [0, 4]`` (``w`` in [1, 5], the default here; METHODS.md
+Deviations: the paper trains with ``w' in [0, 4]`` (``w`` in [1, 5], the default here; the method reference
 marks the range unverified) and also distils a stochastic sampler; fewstep distils the
 deterministic DDIM sampler only. The stage-one student is the teacher's network with the extra
 input (the paper's w-embedding is likewise added to the time embedding).
