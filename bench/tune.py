@@ -106,7 +106,7 @@ def main() -> None:
     losses = {k: round(sum(r[k] for r in tail if k in r) / sum(k in r for r in tail), 4)
               for k in sorted({k for r in tail for k in r if k.startswith("loss/")})}  # fmt: skip
     record = {"method": method.name, "options": options, "sample": a.sample, "guidance": a.guidance,
-              "minutes": round(minutes, 2), "steps": method.run["step"], "batch": a.batch, "seed": a.seed,
+              "minutes": round(minutes, 2), "steps": method.run.step, "batch": a.batch, "seed": a.seed,
               "weights": a.weights, "n": a.n, "repeats": a.repeats, "rows": rows, "losses_last": losses,
               "curve": curve, "out": str(out)}  # fmt: skip
     print(json.dumps(record))

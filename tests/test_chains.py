@@ -84,7 +84,7 @@ def test_a_chain_that_would_change_the_one_step_function_is_refused_with_the_fix
         distill(teacher_dir, "dmd2", max_steps=1, out=tmp_path / "d", init=str(tmp_path / "nothing"), **FAST)
     with pytest.raises(FewstepError, match="is the run being written"):
         distill(teacher_dir, "dmd2", max_steps=1, out=kd_run, init=str(kd_run), overwrite=True, **FAST)
-    assert load_run(kd_run).run["step"] == 6  # the kd run is untouched
+    assert load_run(kd_run).run.step == 6  # the kd run is untouched
 
 
 def test_sid_to_sid_carries_the_fake_score(teacher_dir, tmp_path):
@@ -103,7 +103,7 @@ def test_cd_to_ladd_keeps_the_consistency_student_and_resumes_and_reloads(teache
     record = json.loads((out / "config.json").read_text())["init"]
     assert record["layout"] == ["consistency"] and record["one_step_gap"] == 0.0  # both start at sigma_max
     m = distill(teacher_dir, "ladd", max_steps=4, out=out, resume=True, **FAST)
-    assert isinstance(m.student, ConsistencyStudent) and load_run(out).run["step"] == 4
+    assert isinstance(m.student, ConsistencyStudent) and load_run(out).run.step == 4
     z = torch.randn(3, 2)
     assert isinstance(load_run(out).student, ConsistencyStudent)
     assert load_run(out).sample(z, 1, torch.tensor([0, 1, 0])).shape == (3, 2)
@@ -125,7 +125,7 @@ def test_minute_mark_checkpoints_survive_pruning(teacher_dir, tmp_path):
     kept = runck.checkpoint_dirs(out / "checkpoints")
     assert [d.name for d in kept] == ["step-00000400", "step-00000001"]  # the newest one plus the snapshot
     m = load_run(out, checkpoint=snaps[0].path.name)
-    assert m.run["step"] == 1
+    assert m.run.step == 1
 
 
 def test_cli_init_error_is_one_line(teacher_dir, kd_run, tmp_path, capsys):

@@ -205,7 +205,7 @@ def test_training_hook_logs_fid_during_distillation(teacher_dir, tmp_path):
     evals = [r for r in read_metrics(out) if "eval/fid@1" in r]
     assert [r["step"] for r in evals] == [2, 4]  # every 2 iterations; the final one is step 4
     assert all(r["eval/fid@1"] > 0 and 0 <= r["eval/precision@1"] <= 1 for r in evals)
-    assert m.summary["step"] == 4
+    assert m.run.summary["step"] == 4
 
 
 def test_leaderboard_plot_keeps_the_best_run_per_method(tmp_path, monkeypatch):

@@ -83,6 +83,6 @@ def test_short_run_moves_the_generator_onto_the_teacher():
 def test_runs_under_the_engine_and_reloads(tmp_path):
     teacher = tiny_teacher("mlp", num_classes=3)
     m, loaded = engine_run(tmp_path, "diff_instruct", teacher, steps=3, lr=1e-3, fake_lr=1e-3)
-    assert m.summary["step"] == 3 and loaded.run["step"] == 3
+    assert m.run.summary["step"] == 3 and loaded.run.step == 3
     z, c = torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1])
     assert torch.allclose(loaded.sample(z, 1, c), m.sample(z, 1, c))

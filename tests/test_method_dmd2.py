@@ -161,7 +161,7 @@ def test_short_run_moves_the_generator_onto_the_teacher():
 def test_runs_under_the_engine_with_real_images_and_reloads(tmp_path):
     teacher = tiny_teacher("unet", num_classes=2)
     m, loaded = engine_run(tmp_path, "dmd2", teacher, steps=6, data=tiny_images(), student_steps=2, lr=1e-3)
-    assert m.summary["step"] == 6 and loaded.run["step"] == 6 and loaded.needs_data
+    assert m.run.summary["step"] == 6 and loaded.run.step == 6 and loaded.needs_data
     z, c = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 0])
     assert torch.allclose(loaded.sample(z, 1, c), m.sample(z, 1, c))
     assert loaded.sample(z, 2, c).shape == (3, 1, 8, 8)

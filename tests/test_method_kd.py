@@ -115,4 +115,4 @@ def test_fewstep_pairs_then_distill_kd_and_load_run(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     m = load_run(out)
     z, y = torch.randn(5, 2), torch.tensor([0, 1, 0, 1, 0])
-    assert m.sample(z, 1, y).shape == (5, 2) and m.run["step"] == 4
+    assert m.sample(z, 1, y).shape == (5, 2) and m.run.step == 4

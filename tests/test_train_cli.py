@@ -216,15 +216,15 @@ def test_python_api_trains_returns_the_method_and_loads_back(tmp_path):
     teacher = tiny_teacher()
     method = fewstep.distill(teacher, "denoise", max_steps=3, out=tmp_path / "run", data=tiny_data(), batch=8,
                              sample_n=0, cpu=True, lr=3e-4, ema_decay=0.5)  # fmt: skip
-    assert method.config.lr == 3e-4 and method.summary["step"] == 3 and not method.student.training
+    assert method.config.lr == 3e-4 and method.run.summary["step"] == 3 and not method.student.training
     loaded = fewstep.load_run(tmp_path / "run")  # the teacher object was saved into the run
-    assert loaded.run["step"] == 3
+    assert loaded.run.step == 3
     for k, v in method.student.state_dict().items():
         assert torch.equal(v, loaded.student.state_dict()[k]), k
     raw = fewstep.load_run(tmp_path / "run", ema=False)
     assert not torch.equal(raw.student.net.out.weight, loaded.student.net.out.weight)
     first = fewstep.load_run(tmp_path / "run", checkpoint="step-00000003")
-    assert first.run["step"] == 3
+    assert first.run.step == 3
     with pytest.raises(FewstepError, match="needs data"):
         fewstep.distill(teacher, "denoise", max_steps=1, out=tmp_path / "nodata", cpu=True)
     assert not (tmp_path / "nodata").exists()

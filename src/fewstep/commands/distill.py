@@ -54,7 +54,7 @@ def run(args) -> int:
         print(e.message, file=sys.stderr)
         return 128 + int(e.signum)
     leave_process_group()  # after a finished run only: a failed process must not wait at a barrier
-    s = method.summary
+    s = method.run.summary
     print(f"{method.name}: {s['step']} steps in {s['minutes']:.1f} min (stopped by {s['stopped_by']}, "
           f"{s['nonfinite']} non-finite skipped); student in {plan.out}/student")  # fmt: skip
     return 0

@@ -18,14 +18,14 @@ FORMATS = ("diffusers", "lora")
 
 def facts_of(method: Any, run: str) -> dict:
     """What the model card says about a run: teacher, method and its paper, training steps."""
-    config = method.run["config"]
+    config = method.run.config
     teacher = config["teacher"].get("spec") or "a teacher object saved in the run"
     options = config["method"].get("options", {})
     return {
         "teacher": teacher,
         "method": f"{method.name} (arXiv {method.paper})" if method.paper else method.name,
         "run": run,
-        "training_steps": method.run["step"],
+        "training_steps": method.run.step,
         "method_options": options,
     }
 

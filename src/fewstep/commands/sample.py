@@ -64,7 +64,7 @@ def run_student(args) -> int:
     seeds = range(args.seed, args.seed + args.n)
     x, labels, steps = generate_student(method, seeds, args.steps, args.label, args.batch)
     path = save_samples(x, labels, seeds, args.out)
-    print(f"wrote {args.n} samples ({method.name} student, {steps} step(s), step {method.run['step']}) to {path}")
+    print(f"wrote {args.n} samples ({method.name} student, {steps} step(s), step {method.run.step}) to {path}")
     return 0
 
 

@@ -49,7 +49,7 @@ def curve(run_dir: str | Path, settings, weights: tuple[str, ...] = ("ema", "raw
 
     run_dir = Path(run_dir)
     first = load_run(run_dir)
-    config = first.run["config"]
+    config = first.run.config
     init = config.get("init") or {}
     offset = float(init.get("minutes") or 0.0)
     label = "→".join([*init.get("chain", []), first.name]) if init else first.name
@@ -61,7 +61,7 @@ def curve(run_dir: str | Path, settings, weights: tuple[str, ...] = ("ema", "raw
         for w in weights:
             method = load_run(run_dir, ema=w == "ema", checkpoint=name)
             row = ev.measure(student_sampler(method, 1, method.name), fidelity=False)
-            points.append(Point(round(offset + own, 3), method.run["step"], w, row.fid, row.fid / teacher.fid))
+            points.append(Point(round(offset + own, 3), method.run.step, w, row.fid, row.fid / teacher.fid))
             progress(f"{run_dir.name} {name} ({offset + own:.1f} min, {w}): FID {row.fid:.3f}, "
                      f"ratio {row.fid / teacher.fid:.2f}")  # fmt: skip
     return {"run": str(run_dir), "name": run_dir.name, "label": label, "teacher_fid": teacher.fid,

@@ -77,7 +77,7 @@ def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None, weig
         from fewstep.runs.folder import run_cost
 
         method = load_run(path, ema=weights == "ema")
-        cfg = method.run["config"]
+        cfg = method.run.config
         data = run_data(path, cfg)
         teacher_spec = cfg["teacher"].get("spec") or f"{path}/teacher"
         if student_steps is None:

@@ -1,6 +1,7 @@
 """Discriminators for adversarial distillation: trainable heads on a frozen feature network.
 
-The discriminator building block (shared block 8 of the project's method reference), reused by ADD, LADD, UFOGen, SDXL-Lightning, DMD2 and CTM.
+The discriminator building block (shared block 8 of the project's method reference), reused by
+ADD, LADD, UFOGen, SDXL-Lightning, DMD2 and CTM.
 
 - **Feature networks** map ``(x, sigma, labels)`` to a list of feature tensors:
   :class:`TeacherFeatures` reads the teacher's own network at noise level ``sigma`` (LADD,

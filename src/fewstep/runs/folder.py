@@ -16,6 +16,7 @@ An existing run directory is never overwritten: starting a run in a non-empty fo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,18 @@ from fewstep.errors import FewstepError
 from fewstep.io import atomic_write_bytes, atomic_write_json, read_json, save_tensors
 
 RUN_FORMAT = "fewstep-run"
+
+
+@dataclass
+class RunInfo:
+    """What a method knows about its run (``method.run``): the folder, the checkpoint step it holds,
+    the run's ``config.json``, and — after training — how the training ended (``summary``: step,
+    stopped_by, nonfinite, minutes)."""
+
+    path: Path
+    step: int
+    config: dict[str, Any]
+    summary: dict[str, Any] | None = None
 STUDENT_FORMAT = "fewstep-student"
 
 

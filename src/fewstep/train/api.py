@@ -16,6 +16,7 @@ from fewstep.methods.base import Method
 from fewstep.options import build, coerce, field_types, to_json
 from fewstep.runs.folder import (
     RUN_FORMAT,
+    RunInfo,
     RunLock,
     check_out_dir,
     read_run_config,
@@ -339,7 +340,7 @@ def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
             info["data"] = record["spec"]
             info["trained_on"] = record.get("name")
         save_student(method.student, out / "student", info, state=state)
-    method.summary = summary
+    method.run = RunInfo(out, summary["step"], read_run_config(out), summary)
     return method
 
 
@@ -405,7 +406,7 @@ def distill(
 
     Returns:
         The method; ``method.student`` holds the evaluation-EMA weights (what ``load_run(out)``
-        returns too), ``method.summary`` says how the run ended.
+        returns too), ``method.run`` is its :class:`~fewstep.runs.folder.RunInfo` (``run.summary``: how the run ended).
 
     Example:
         >>> m = distill("analytic:gaussians8", "denoise", max_steps=100, out="runs/demo")  # doctest: +SKIP

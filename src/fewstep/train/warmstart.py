@@ -181,7 +181,7 @@ def warm_start(
         if {k: v.shape for k, v in fake_a.state_dict().items()} == shapes:
             fake_b.load_state_dict(fake_a.state_dict())
             carried.append("fake_score")
-    prior = before.run["config"].get("init") or {}
+    prior = before.run.config.get("init") or {}
     cost = run_cost(init)
     record = {
         "run": str(init),
