@@ -136,3 +136,8 @@ def to_json(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise FewstepError(f"config value {obj!r} ({type(obj).__name__}) cannot be saved as JSON; use plain values")
+
+
+def option_names(cls: type) -> set[str]:
+    """The option names of a dataclass (none for a class without options)."""
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()

@@ -13,7 +13,7 @@ from fewstep.data import Dataset
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
-from fewstep.options import build, coerce, field_types, to_json
+from fewstep.options import build, coerce, field_types, option_names, to_json
 from fewstep.runs.folder import (
     RUN_FORMAT,
     RunInfo,
@@ -99,7 +99,7 @@ def plan_run(
     if not name:
         raise FewstepError("give a method (--method NAME; `fewstep methods` lists them)")
     method_cls = get_method(str(name))
-    engine_opts, method_opts = split_options(sources, _fields(method_cls.Config))
+    engine_opts, method_opts = split_options(sources, option_names(method_cls.Config))
     engine_opts.pop("method", None)
     if teacher is not None:
         engine_opts["teacher"] = engine_opts.get("teacher") or ""
@@ -169,7 +169,7 @@ def _resume_sources(out: Path, sources: Sources) -> Sources:
             f"{out} was trained from teacher {saved['teacher'].get('spec')!r}; --resume cannot change it"
         )
     cls = get_method(method["name"])
-    engine, options = split_options(Sources(given, {}, sources.sets), _fields(cls.Config))
+    engine, options = split_options(Sources(given, {}, sources.sets), option_names(cls.Config))
     engine_types = field_types(TrainConfig)
     budget = {}
     for key, value in engine.items():
@@ -188,10 +188,6 @@ def _resume_sources(out: Path, sources: Sources) -> Sources:
             raise FewstepError(f"{out} was made with {key}={saved_options[key]!r}; --resume cannot change it")
     train.pop("method", None)  # runs before 2026-12 kept the method name here too
     return Sources(file={**train, **wall_clock_rule(budget), "options": method["options"], "method": method["name"]})
-
-
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
 def _resume_teacher(out: Path) -> Denoiser:

@@ -42,7 +42,9 @@ from torch import nn
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.methods._fake_score import eval_mode
 from fewstep.methods.base import Method
+from fewstep.options import option_names
 from fewstep.students import ConsistencyStudent, FlowMapStudent, OneStepGenerator, copy_teacher, layout
 
 TOLERANCE = 1e-3  # max |one-step sample difference| / sigma_data for a warm start to count as exact
@@ -82,12 +84,6 @@ def convert(src: nn.Module, default: nn.Module) -> nn.Module | None:
     return None
 
 
-def _fields(cls: type) -> set[str]:
-    import dataclasses
-
-    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-
-
 def _kind(m: nn.Module) -> str:
     spec = layout(m)
     if spec is None:
@@ -106,15 +102,8 @@ def one_step_gap(a: Method, b: Method, n: int = 8, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *t.sample_shape), generator=g)
     cond = torch.randint(0, t.num_classes, (n,), generator=g) if t.num_classes else None
-    nets = [*a.networks().values(), *b.networks().values()]
-    modes = [m.training for m in nets]
-    for m in nets:
-        m.eval()
-    try:
+    with eval_mode(*a.networks().values(), *b.networks().values()):
         xa, xb = a.sample(noise, 1, cond), b.sample(noise, 1, cond)
-    finally:
-        for m, mode in zip(nets, modes, strict=True):
-            m.train(mode)
     return float((xa - xb).abs().max() / t.sigma_data)
 
 
@@ -168,7 +157,7 @@ def warm_start(
     if gap > TOLERANCE and generators:  # a generator exists at one input level only: it must be the same
         b = before.student
         s = b.sigma_init if isinstance(b, OneStepGenerator) else before.teacher.sigma_max
-        hint = (f"; --set sigma_init={s:g} makes it exact" if "sigma_init" in _fields(cls.Config)
+        hint = (f"; --set sigma_init={s:g} makes it exact" if "sigma_init" in option_names(cls.Config)
                 else f"; the {before.name} generator reads noise at sigma {s:g} only")  # fmt: skip
         raise FewstepError(
             f"--init {init}: the {cls.name} student would not start where the {before.name} run ended "
