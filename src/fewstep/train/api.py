@@ -27,12 +27,11 @@ from fewstep.runs.folder import (
 )
 from fewstep.runs.load import data_record, load_checkpoint_into, run_data, save_data
 from fewstep.train.config import (
-    EMA_KEYS,
-    NEW_RUN_DEFAULTS,
     RESUMABLE,
     Sources,
     TrainConfig,
-    build_train_config,
+    method_name,
+    resolve,
     split_options,
     wall_clock_rule,
 )
@@ -94,21 +93,8 @@ def plan_run(
     check_out_dir(out, resume, overwrite)
     if resume:
         sources = _resume_sources(out, sources)
-    name = {**sources.file, **{k: v for k, v in sources.flags.items() if v is not None}}.get("method")
-    name = name or sources.sets.get("method") or sources.sets.get("train.method")
-    if not name:
-        raise FewstepError("give a method (--method NAME; `fewstep methods` lists them)")
-    method_cls = get_method(str(name))
-    engine_opts, method_opts = split_options(sources, option_names(method_cls.Config))
-    engine_opts.pop("method", None)
-    if teacher is not None:
-        engine_opts["teacher"] = engine_opts.get("teacher") or ""
-    elif not resume and not engine_opts.get("teacher"):
-        raise FewstepError("give a teacher (--teacher builtin:digits, analytic:gaussians8 or a model folder)")
-    if not resume:
-        engine_opts = with_new_run_defaults(engine_opts, method_cls)
-    cfg = build_train_config(engine_opts)
-    options = build(method_cls.Config, method_opts, f"method {method_cls.name}")
+    method_cls = get_method(method_name(sources))
+    cfg, options = resolve(sources, method_cls, new_run=not resume, teacher_given=teacher is not None)
     if cfg.teacher and not resume:
         cfg.teacher = absolute_spec(cfg.teacher)
     if cfg.init and not resume:
@@ -123,17 +109,6 @@ def plan_run(
     if teacher is None:
         teacher = _resume_teacher(out) if resume else load_teacher(cfg.teacher)
     return Plan(out, cfg, method_cls, options, teacher, teacher_obj, data, resume, overwrite)
-
-
-def with_new_run_defaults(engine: dict[str, Any], method_cls: type[Method]) -> dict[str, Any]:
-    """``engine`` completed with :data:`~fewstep.train.config.NEW_RUN_DEFAULTS` and the method's
-    ``engine_defaults`` (its EMA defaults only when the user set no EMA option)."""
-    out = dict(engine)
-    for key, value in {**NEW_RUN_DEFAULTS, **method_cls.engine_defaults}.items():
-        user_ema = key in EMA_KEYS and any(k in engine for k in EMA_KEYS)
-        if key not in engine and not user_ema:
-            out[key] = value
-    return out
 
 
 def absolute_spec(spec: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.errors import FewstepError
-from fewstep.options import build
+from fewstep.options import build, option_names
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -196,7 +196,39 @@ def split_options(sources: Sources, method_fields: set[str]) -> tuple[dict[str, 
     return wall_clock_rule(engine), method
 
 
-def build_train_config(options: dict[str, Any]) -> TrainConfig:
-    cfg = build(TrainConfig, options, "the engine (fewstep distill)")
+def method_name(sources: Sources) -> str:
+    """The method the sources name (``method`` in a file or flag, or ``--set method=...``)."""
+    given = {**sources.file, **{k: v for k, v in sources.flags.items() if v is not None}}.get("method")
+    name = given or sources.sets.get("method") or sources.sets.get("train.method")
+    if not name:
+        raise FewstepError("give a method (--method NAME; `fewstep methods` lists them)")
+    return str(name)
+
+
+def with_new_run_defaults(engine: dict[str, Any], method_cls: type) -> dict[str, Any]:
+    """``engine`` completed with :data:`~fewstep.train.config.NEW_RUN_DEFAULTS` and the method's
+    ``engine_defaults`` (its EMA defaults only when the user set no EMA option)."""
+    out = dict(engine)
+    for key, value in {**NEW_RUN_DEFAULTS, **method_cls.engine_defaults}.items():
+        user_ema = key in EMA_KEYS and any(k in engine for k in EMA_KEYS)
+        if key not in engine and not user_ema:
+            out[key] = value
+    return out
+
+
+def resolve(sources: Sources, method_cls: type, new_run: bool, teacher_given: bool = False) -> tuple[TrainConfig, Any]:
+    """The one way from a config file, flags, ``--set`` and Python keywords to a run's options: the
+    engine's :class:`TrainConfig` and the method's ``Config``, typed and validated (one-line errors).
+    A new run gets :data:`NEW_RUN_DEFAULTS` and the method's ``engine_defaults``; ``teacher_given``:
+    the teacher is an object, so no spec is needed."""
+    engine, method = split_options(sources, option_names(method_cls.Config))
+    engine.pop("method", None)
+    if teacher_given:
+        engine["teacher"] = engine.get("teacher") or ""
+    elif new_run and not engine.get("teacher"):
+        raise FewstepError("give a teacher (--teacher builtin:digits, analytic:gaussians8 or a model folder)")
+    if new_run:
+        engine = with_new_run_defaults(engine, method_cls)
+    cfg = build(TrainConfig, engine, "the engine (fewstep distill)")
     cfg.validate()
-    return cfg
+    return cfg, build(method_cls.Config, method, f"method {method_cls.name}")
