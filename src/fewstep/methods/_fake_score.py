@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from fewstep.denoiser import Denoiser, EDMDenoiser
 from fewstep.errors import FewstepError
 from fewstep.losses import edm_loss
+from fewstep.methods.base import Batch, OptimizerSpec
 from fewstep.schedules import ascending_karras
 from fewstep.teachers.analytic import GaussianMixture
 
@@ -131,4 +132,35 @@ class KarrasSigmaSampler:
         return self.sigmas[idx].to(device)
 
 
-__all__ = ["KarrasSigmaSampler", "dsm_loss", "eval_mode", "make_fake_score", "shared_dropout"]
+def generator_inputs(batch: Batch, student: nn.Module, teacher: Denoiser) -> tuple[Tensor, Tensor | None]:
+    """Unit noise for a data-free generator on the student's device, and its labels: the batch's
+    (the engine's uniform labels, or data labels) or, without any, uniform over the teacher's classes."""
+    device = next(student.parameters()).device
+    z = torch.randn((batch.size, *teacher.sample_shape), device=device)
+    if batch.labels is not None:
+        return z, batch.labels.to(device)
+    k = teacher.num_classes
+    return z, (torch.randint(0, k, (batch.size,), device=device) if k else None)
+
+
+def fake_score_first(config: Any) -> dict[str, OptimizerSpec]:
+    """SiD's and Diff-Instruct's update order: ``config.fake_updates`` fake-score steps, then one
+    generator step that sees the updated fake score (their training loops' order)."""
+    c, k = config, config.fake_updates
+    return {
+        "fake_score": OptimizerSpec(
+            ["fake_score"], lr=c.fake_lr, betas=c.betas, every=k + 1, offset=tuple(range(k)), grad_clip=c.grad_clip
+        ),
+        "student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k + 1, offset=k, grad_clip=c.grad_clip),
+    }
+
+
+__all__ = [
+    "KarrasSigmaSampler",
+    "dsm_loss",
+    "eval_mode",
+    "fake_score_first",
+    "generator_inputs",
+    "make_fake_score",
+    "shared_dropout",
+]

@@ -40,7 +40,14 @@ from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.methods import register
-from fewstep.methods._fake_score import dsm_loss, eval_mode, make_fake_score, shared_dropout
+from fewstep.methods._fake_score import (
+    dsm_loss,
+    eval_mode,
+    fake_score_first,
+    generator_inputs,
+    make_fake_score,
+    shared_dropout,
+)
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.schedules import sample_lognormal
 from fewstep.students import OneStepGenerator, copy_teacher, set_dropout
@@ -88,24 +95,9 @@ class DiffInstruct(Method):
         return {"student": self.student, "fake_score": self.fake_score}
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
-        c, k = self.config, self.config.fake_updates
-        return {
-            # k fake-score steps, then a generator step that sees the updated fake score (the reference's order)
-            "fake_score": OptimizerSpec(
-                ["fake_score"], lr=c.fake_lr, betas=c.betas, every=k + 1, offset=tuple(range(k)), grad_clip=c.grad_clip
-            ),
-            "student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k + 1, offset=k, grad_clip=c.grad_clip),
-        }
+        return fake_score_first(self.config)  # k fake-score steps, then the generator (the reference's order)
 
     # --- maths ---------------------------------------------------------------------------------
-    def _noise_and_labels(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        device = next(self.student.parameters()).device
-        z = torch.randn((batch.size, *self.teacher.sample_shape), device=device)
-        if batch.labels is not None:
-            return z, batch.labels.to(device)
-        k = self.teacher.num_classes
-        return z, (torch.randint(0, k, (batch.size,), device=device) if k else None)
-
     def _sigma(self, n: int, device: torch.device) -> Tensor:
         return sample_lognormal(n, self.config.p_mean, self.config.p_std).to(device)
 
@@ -123,12 +115,12 @@ class DiffInstruct(Method):
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if "fake_score" in due:  # Algorithm 1, fake-score step: DSM on sg(G(z))
-            z, cond = self._noise_and_labels(batch)
+            z, cond = generator_inputs(batch, self.student, self.teacher)
             with torch.no_grad(), eval_mode(self.student):  # di_training_loop.py samples with G.eval()
                 x = self.student(z, cond)
             out["fake_score"] = dsm_loss(self.fake_score, x, cond, self._sigma(x.shape[0], x.device))
         if "student" in due:  # Algorithm 1, generator step
-            z, cond = self._noise_and_labels(batch)
+            z, cond = generator_inputs(batch, self.student, self.teacher)
             out["student"] = self.generator_loss(self.student(z, cond), cond)
         return out
 

@@ -44,7 +44,7 @@ from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.losses import REGRESSION, dm_gradient, dm_loss, regression_loss
 from fewstep.methods import register
-from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, eval_mode, make_fake_score
+from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, eval_mode, generator_inputs, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.pairs import Pairs, PairSource
 from fewstep.students import OneStepGenerator, copy_teacher, set_dropout
@@ -138,19 +138,11 @@ class DMD(Method):
         """``0.5 || x - sg(x - grad) ||^2`` (pixel mean): its gradient in ``x`` is ``grad / numel``."""
         return dm_loss(x, self.dm_gradient(x.detach(), cond))
 
-    def _noise_and_labels(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        device = next(self.student.parameters()).device
-        z = torch.randn((batch.size, *self.teacher.sample_shape), device=device)
-        if batch.labels is not None:
-            return z, batch.labels.to(device)
-        k = self.teacher.num_classes
-        return z, (torch.randint(0, k, (batch.size,), device=device) if k else None)
-
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if not due & {"student", "fake_score"}:
             return out
-        z, cond = self._noise_and_labels(batch)
+        z, cond = generator_inputs(batch, self.student, self.teacher)
         n = z.shape[0]
         ref = self.pairs.batch(n, z.device) if "student" in due and self.pairs is not None else None
         if ref is not None:  # one generator pass over [z; z_ref] (one forward per backward under DDP)

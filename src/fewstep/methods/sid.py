@@ -43,7 +43,7 @@ from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.methods import register
-from fewstep.methods._fake_score import dsm_loss, eval_mode, make_fake_score
+from fewstep.methods._fake_score import dsm_loss, eval_mode, fake_score_first, generator_inputs, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.discriminator import no_param_grad
 from fewstep.schedules import sample_lognormal
@@ -112,22 +112,7 @@ class SiD(Method):
         return {"student": self.student, "fake_score": self.fake_score}
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
-        c, k = self.config, self.config.fake_updates
-        return {
-            # k fake-score steps, then a generator step that sees the updated fake score (the reference's order)
-            "fake_score": OptimizerSpec(
-                ["fake_score"], lr=c.fake_lr, betas=c.betas, every=k + 1, offset=tuple(range(k)), grad_clip=c.grad_clip
-            ),
-            "student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k + 1, offset=k, grad_clip=c.grad_clip),
-        }
-
-    def _noise_and_labels(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        device = next(self.student.parameters()).device
-        z = torch.randn((batch.size, *self.teacher.sample_shape), device=device)
-        if batch.labels is not None:
-            return z, batch.labels.to(device)
-        k = self.teacher.num_classes
-        return z, (torch.randint(0, k, (batch.size,), device=device) if k else None)
+        return fake_score_first(self.config)  # k fake-score steps, then the generator (the reference's order)
 
     def generator_loss(self, x_g: Tensor, cond: Any) -> Tensor:
         """Algorithm 1, generator step: both scores at the same noised generator sample."""
@@ -142,13 +127,13 @@ class SiD(Method):
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if "fake_score" in due:  # Algorithm 1, psi step: EDM-weighted DSM on sg(G(z))
-            z, cond = self._noise_and_labels(batch)
+            z, cond = generator_inputs(batch, self.student, self.teacher)
             with torch.no_grad(), eval_mode(self.student):  # the reference samples with G.eval()
                 x = self.student(z, cond)
             sigma = sample_lognormal(x.shape[0], self.config.p_mean, self.config.p_std).to(x)
             out["fake_score"] = dsm_loss(self.fake_score, x, cond, sigma)
         if "student" in due:
-            z, cond = self._noise_and_labels(batch)
+            z, cond = generator_inputs(batch, self.student, self.teacher)
             out["student"] = self.generator_loss(self.student(z, cond), cond)
         return out
 
