@@ -61,11 +61,11 @@ dmd2_snap      dmd2           12 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100
 kd-dmd2        dmd2           12 100000 32 ref   init=kd_snap lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03 snapshot_minutes=1,2,4,6,8,10
 kd-sid         sid            12 100000 32 ref   init=kd_snap sigma_init=80 lr=1e-4 fake_lr=1e-4 snapshot_minutes=1,2,4,6,8,10
 cd-ladd        ladd           12 100000 64 ref   init=cd_snap lr=3e-5 d_lr=1e-3 disc_m=-1 times=1,0.75,0.5,0.25 snapshot_minutes=1,2,4,6,8,10
-lcmdiag_cd     cd             5  100000 64 ref
-lcmdiag_grid   cd             5  100000 64 ref   num_scales=1000 skip=20
-lcmdiag_ddim   cd             5  100000 64 ref   num_scales=1000 skip=20 solver=ddim distance=huber
-lcmdiag_w1     lcm            5  100000 64 ref   guidance=1,3 sample_guidance=1 lr=4e-4
-lcmdiag_w1_18  lcm            5  100000 64 ref   guidance=1,3 sample_guidance=1 lr=4e-4 num_scales=18 skip=1 solver=heun distance=l2
+lcmdiag_cd     cd             4  100000 64 ref
+lcmdiag_grid   cd             4  100000 64 ref   num_scales=1000 skip=20
+lcmdiag_ddim   cd             4  100000 64 ref   num_scales=1000 skip=20 solver=ddim distance=huber
+lcmdiag_w1     lcm            4  100000 64 ref   guidance=1,3 sample_guidance=1 lr=4e-4
+lcmdiag_w1_18  lcm            4  100000 64 ref   guidance=1,3 sample_guidance=1 lr=4e-4 num_scales=18 skip=1 solver=heun distance=l2
 add            add            12 100000 64 0.999 lr=1e-4 d_lr=1e-4 distill_weight=10 distill_reduce=mean
 add_tuned      add            12 100000 64 0     lr=1e-4 d_lr=1e-3 distill_weight=10 distill_reduce=mean
 add_d3_ema     add            12 100000 64 0.999 lr=1e-4 d_lr=1e-3 distill_weight=10 distill_reduce=mean
