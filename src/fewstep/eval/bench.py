@@ -30,8 +30,8 @@ def leaderboard_rows(results: dict[str, dict | str]) -> list[dict]:
             rows.append({"method": name, "error": res})
             continue
         t_fid = res["teacher_row"]["fid"]
-        what = "→".join(res["cost"]["chain"]) if res.get("cost", {}).get("chain") else res.get("method")
-        row: dict = {"method": name if what in (None, name) else f"{name} ({what})"}
+        what = _label(res, name)
+        row: dict = {"method": name if what == name else f"{name} ({what})"}
         for r in res["students"]:
             k = r["nfe"]
             row[f"fid@{k}"], row[f"fid_std@{k}"] = r["fid"], r["fid_std"]
@@ -46,6 +46,13 @@ def leaderboard_rows(results: dict[str, dict | str]) -> list[dict]:
         row["minutes"], row["steps"] = res["cost"].get("minutes"), res["cost"].get("steps")
         rows.append(row)
     return sorted(rows, key=lambda r: (r.get("ratio@1") is None, r.get("ratio@1") or 0.0))
+
+
+def _label(res: dict, name: str) -> str:
+    """What a run is: its method, or a chain's methods in order (``kd→dmd2``: its own entry in the
+    best-run-per-method picture, beside the plain methods)."""
+    chain = (res.get("cost") or {}).get("chain")
+    return "→".join(chain) if chain else (res.get("method") or name)
 
 
 def _fmt(v, d: int = 2) -> str:
@@ -167,7 +174,7 @@ def write_leaderboard(results: dict[str, dict | str], out: str | Path, args_line
         for b in ok[0]["baselines"]:
             baselines.setdefault(b["name"], []).append(Row(**b))
         families = {name: cls.family for name, cls in available().items()}
-        runs = {name: (res.get("method") or name, families.get(res.get("method") or name, "other"),
+        runs = {name: (_label(res, name), families.get(res.get("method") or name, "other"),
                        [Row(**{**r, "name": name}) for r in res["students"]])
                 for name, res in results.items() if isinstance(res, dict)}  # fmt: skip
         teacher = Row(**ok[0]["teacher_row"])
