@@ -96,7 +96,7 @@ MUTANTS = {
         ["tests/test_fake_score.py"],
     ),
     "sid-generator-before-psi": (
-        "methods/sid.py",
+        "methods/_fake_score.py",
         '"student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k + 1, offset=k,',
         '"student": OptimizerSpec(["student"], lr=c.lr, betas=c.betas, every=k + 1, offset=0,',
         ["tests/test_method_sid.py"],
