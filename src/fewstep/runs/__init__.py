@@ -5,4 +5,12 @@ checkpoint format (:mod:`.checkpoints`), and loading a run back as its method (:
 from fewstep.runs.folder import RUN_FORMAT, is_run_dir, read_metrics, read_run_config
 from fewstep.runs.load import load_checkpoint_into, load_run, run_data
 
-__all__ = ["RUN_FORMAT", "is_run_dir", "load_checkpoint_into", "load_run", "read_metrics", "read_run_config", "run_data"]
+__all__ = [
+    "RUN_FORMAT",
+    "is_run_dir",
+    "load_checkpoint_into",
+    "load_run",
+    "read_metrics",
+    "read_run_config",
+    "run_data",
+]

@@ -164,7 +164,6 @@ def unusable(root: Path, then: str) -> str:
             "restore them from a copy, or start again with --overwrite")  # fmt: skip
 
 
-
 def load_modules(modules: dict[str, nn.Module], weights: dict[str, Tensor], where: Path) -> None:
     """Load checkpoint ``weights`` into ``modules`` by key prefix (``{"net.student.": module}``), with a
     one-line error when a part does not fit; a sharded (FSDP2) module takes this process's shards."""

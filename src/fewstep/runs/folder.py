@@ -16,8 +16,8 @@ An existing run directory is never overwritten: starting a run in a non-empty fo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class RunInfo:
     step: int
     config: dict[str, Any]
     summary: dict[str, Any] | None = None
+
+
 STUDENT_FORMAT = "fewstep-student"
 
 

@@ -137,23 +137,24 @@ def all_finite(finite: Tensor) -> Tensor:
     return t == 0
 
 
-def clock_passed(deadline: float, acc, world: int) -> bool:
-    """Whether any process's clock has passed ``deadline`` (so that all act on it together)."""
-    flag = float(time.monotonic() >= deadline)
+def any_process(flags: list[float], acc, world: int) -> list[float]:
+    """Each flag set if it is set on any process (an all-reduce MAX), so that all act on it together."""
     if world > 1:
-        t = torch.tensor([flag], device=acc.device)
+        t = torch.tensor(flags, device=acc.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        flag = t.item()
-    return bool(flag)
+        flags = t.tolist()
+    return flags
+
+
+def clock_passed(deadline: float, acc, world: int) -> bool:
+    """Whether any process's clock has passed ``deadline``."""
+    return bool(any_process([float(time.monotonic() >= deadline)], acc, world)[0])
 
 
 def stop_reason(step: int, total: float, deadline: float, signum: int | None, acc, world: int) -> str | None:
     """Why to stop now, agreed by every process (a signal or the clock may reach only some)."""
     flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM), float(time.monotonic() >= deadline)]
-    if world > 1:
-        t = torch.tensor(flags, device=acc.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        flags = t.tolist()
+    flags = any_process(flags, acc, world)
     if flags[0]:
         return "SIGINT"
     if flags[1]:
