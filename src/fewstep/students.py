@@ -175,3 +175,206 @@ def build_layout(spec: list[str], teacher: Denoiser) -> nn.Module:
     if head == "denoiser":
         return copy_teacher(teacher)
     raise FewstepError(f"unknown student layout {spec!r} in the run's config.json")
+
+
+# --- students that are not teacher copies (compression, analytic teachers) ---------------------------
+PRESETS = {"half": 0.5, "quarter": 0.25}  # fraction of the teacher's parameters
+
+
+def copyable(teacher: Denoiser) -> bool:
+    """Whether students can start as a copy of ``teacher`` (a fewstep network or a diffusers teacher)."""
+    return isinstance(teacher, EDMDenoiser) or hasattr(teacher, "trainable_copy")
+
+
+def student_network(teacher: Denoiser, spec: str | dict | nn.Module | None = None) -> EDMDenoiser:
+    """A freshly initialised EDM denoiser for a student that is not a teacher copy.
+
+    ``spec`` may also be a network object: an :class:`EDMDenoiser` (copied) or any module
+    ``F(x, c_noise, labels, extra)`` (copied and wrapped in EDM's preconditioning with the teacher's
+    noise range).
+
+    ``spec``: ``"half"``/``"quarter"`` (the teacher's architecture with the channel width, or an
+    MLP's hidden width, whose parameter count is nearest that fraction of the teacher's), a dict of
+    network options (``{"channels": 16}``, ``{"arch": "mlp", "hidden": 128}``) laid over the
+    teacher's configuration (or over the default below), or ``None``: the default for a teacher
+    that has no network to copy (an analytic mixture) — an MLP (hidden 256, depth 4) for flat
+    samples, a UNet for images (64 channels at 8x8, halving per 2x of resolution down to 32,
+    two levels, one block each, no attention). The denoiser's noise range, ``sigma_data``, sample
+    shape and classes are the teacher's."""
+    from fewstep.teachers.native import build_model
+
+    if isinstance(spec, EDMDenoiser):
+        return copy.deepcopy(spec).train().requires_grad_(True)
+    base = _net_description(teacher)
+    if isinstance(spec, nn.Module):
+        d = base["denoiser"]
+        return EDMDenoiser(copy.deepcopy(spec), **{**d, "sample_shape": tuple(d["sample_shape"])}).train()
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise FewstepError(
+                f"unknown student network {spec!r}; use a preset ({', '.join(PRESETS)}) or a JSON object of "
+                "network options such as '{\"channels\": 16}'"
+            )
+        if not isinstance(teacher, EDMDenoiser):
+            raise FewstepError(f"--student-net {spec}: presets scale the teacher's network; this teacher has none")
+        return _preset(teacher, base, PRESETS[spec])
+    net = dict(base["net"])
+    arch = base["arch"]
+    if spec:
+        spec = dict(spec)
+        arch = spec.pop("arch", arch)
+        if arch != base["arch"]:
+            net = _default_net(teacher, arch)
+        unknown = sorted(set(spec) - set(net))
+        if unknown:
+            raise FewstepError(
+                f"--student-net: unknown {arch} option {unknown[0]!r}; options: {', '.join(sorted(net))}"
+            )
+        net.update(spec)
+    net["extra_dims"] = 0
+    return build_model(arch, net, base["denoiser"]).train()
+
+
+def _net_description(teacher: Denoiser) -> dict:
+    """The teacher's network description (``arch``, ``net``, ``denoiser``), or a default one."""
+    from fewstep.teachers.native import model_config
+
+    if isinstance(teacher, EDMDenoiser) and hasattr(getattr(teacher, "net", None), "config"):
+        return model_config(teacher)
+    shape = tuple(teacher.sample_shape)
+    arch = "mlp" if len(shape) == 1 else "unet"
+    return {
+        "arch": arch,
+        "net": _default_net(teacher, arch),
+        "denoiser": {
+            "sample_shape": list(shape),
+            "num_classes": int(teacher.num_classes),
+            "sigma_min": float(teacher.sigma_min),
+            "sigma_max": float(teacher.sigma_max),
+            "sigma_data": float(teacher.sigma_data),
+        },
+    }
+
+
+def _default_net(teacher: Denoiser, arch: str) -> dict:
+    from fewstep.networks.mlp import MLPConfig
+    from fewstep.networks.unet import UNetConfig
+
+    shape, classes = tuple(teacher.sample_shape), int(teacher.num_classes)
+    if arch == "mlp":
+        if len(shape) != 1:
+            raise FewstepError(f"an MLP student needs flat samples; this teacher's are {shape}")
+        return MLPConfig(dim=shape[0], num_classes=classes).to_dict()
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise FewstepError(f"a UNet student needs square images (C, H, H); this teacher's samples are {shape}")
+    channels = max(32, 64 // max(1, shape[1] // 8))
+    return UNetConfig(resolution=shape[1], in_channels=shape[0], channels=channels, blocks=1,
+                      attn_resolutions=(), num_classes=classes).to_dict()  # fmt: skip
+
+
+def _preset(teacher: EDMDenoiser, base: dict, fraction: float) -> EDMDenoiser:
+    from fewstep.teachers.native import build_model
+
+    width = "channels" if base["arch"] == "unet" else "hidden"
+    full = sum(p.numel() for p in teacher.parameters())
+    best = None
+    for w in range(2, int(base["net"][width]) + 1, 2):
+        net = {**base["net"], width: w, "extra_dims": 0}
+        model = build_model(base["arch"], net, base["denoiser"])
+        gap = abs(sum(p.numel() for p in model.parameters()) / full - fraction)
+        if best is None or gap < best[0]:
+            best = (gap, model)
+    return best[1].train()
+
+
+def network_record(student: nn.Module) -> dict | None:
+    """The description of the plain EDM denoiser inside ``student`` (``arch``, ``net`` with
+    ``extra_dims`` 0, ``denoiser``), for ``config.json``; ``None`` for other networks."""
+    from fewstep.teachers.native import model_config
+
+    inner = student
+    while not isinstance(inner, EDMDenoiser) and isinstance(getattr(inner, "net", None), nn.Module):
+        inner = inner.net
+    if not isinstance(inner, EDMDenoiser):
+        return None
+    if not hasattr(inner.net, "config") or not hasattr(inner.net.config, "to_dict"):
+        return {"object": type(inner.net).__name__}
+    cfg = model_config(inner)
+    cfg["net"] = {**cfg["net"], "extra_dims": 0}
+    return {k: cfg[k] for k in ("arch", "net", "denoiser")}
+
+
+def build_network(record: dict) -> EDMDenoiser:
+    """A fresh network from :func:`network_record`'s description (weights come later)."""
+    from fewstep.teachers.native import build_model
+
+    if "object" in record:
+        raise FewstepError(
+            f"this run's student network is a {record['object']} given as an object; fewstep cannot rebuild it "
+            "— pass it again (load_run(path, student=network))"
+        )
+    return build_model(record["arch"], record["net"], record["denoiser"]).train()
+
+
+# --- LoRA (peft) -----------------------------------------------------------------------------------
+def tuner_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: tuple[str, ...] | None = None) -> Any:
+    """Add peft LoRA adapters (Hu et al. 2021, arXiv 2106.09685; ``lora_alpha = alpha or rank``) to
+    the ``targets`` layers of ``model`` (names or name suffixes; default: every ``nn.Linear`` and
+    ``nn.Conv2d`` of a fewstep network outside its conditioning embedding — the convolutions,
+    attention projections and per-block embedding projections, as LCM-LoRA adapts in SD's UNet) and
+    freeze everything else. ``B`` starts at zero, so the model is unchanged. Returns the ``LoraConfig``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise FewstepError(f"LoRA rank must be >= 1, got {rank}")
+    names = [n for n, _ in model.named_modules()]
+    if targets is None:
+        present = sorted(
+            n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and ".embed." not in f".{n}"
+        )
+    else:
+        present = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
+    if not present:
+        raise FewstepError(f"no LoRA target layers in {type(model).__name__}")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=present)
+    model.requires_grad_(False)
+    if hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin (UNet2DConditionModel, transformers)
+        model.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return config
+
+
+def lora_rank(student: nn.Module) -> int | None:
+    """The rank of the LoRA adapters inside ``student`` (``None``: none)."""
+    for m in student.modules():
+        r = getattr(m, "r", None)
+        if isinstance(r, dict) and r:
+            return int(next(iter(r.values())))
+    return None
+
+
+def merge_lora(student: nn.Module) -> nn.Module:
+    """A copy of ``student`` with its LoRA adapters merged into the weights and removed (peft's
+    ``merge``): a full student of the base architecture, the same function."""
+    merged = copy.deepcopy(student)
+    for name, layer in [(n, m) for n, m in merged.named_modules() if n and _is_tuner(m)]:
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = merged.get_submodule(parent_name) if parent_name else merged
+        setattr(parent, child, layer.get_base_layer())
+    return merged
+
+
+def _is_tuner(m: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(m, BaseTunerLayer)

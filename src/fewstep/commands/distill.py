@@ -4,6 +4,9 @@
     fewstep distill --out runs/x --resume                 # continue from the newest checkpoint
     fewstep distill ... --set lr=1e-4 --set ema_decay=0.99 --dry-run   # print the resolved config
     fewstep distill --teacher builtin:digits --method dmd2 --init runs/kd --out runs/kd-dmd2   # a chain
+    fewstep distill --teacher builtin:digits --method cd --student-net quarter --out runs/cd-q   # a smaller student
+    fewstep distill --teacher analytic:image --method dmd --out runs/dmd-a    # the analytic teacher's default net
+    fewstep distill --teacher builtin:digits --method cd --lora-rank 16 --out runs/cd-lora
 
 Method options are the fields of the method's ``Config`` (``--set key=value`` or ``options:`` in a
 ``--config`` YAML file); engine options are the fields of :class:`fewstep.train.TrainConfig`.
@@ -37,6 +40,10 @@ def run(args) -> int:
         "checkpoint_every": args.checkpoint_every,
         "init": args.init,
         "snapshot_minutes": args.snapshot_minutes,
+        "student_net": args.student_net,
+        "lora_rank": args.lora_rank,
+        "warmup_minutes": args.warmup_minutes,
+        "warmup_steps": args.warmup_steps,
     }
     out = args.out or file.pop("out", None)
     plan = plan_run(Sources(file, flags, parse_sets(args.set)), out, resume=args.resume, overwrite=args.overwrite)
@@ -98,6 +105,16 @@ def register(sub) -> None:
         default=None,
         help="also keep a checkpoint at these minutes of training (for quality-vs-time curves)",
     )
+    p.add_argument(
+        "--student-net",
+        metavar="NET",
+        help="a student that is not a teacher copy: half, quarter (of the teacher's parameters) or network "
+        "options as JSON, e.g. '{\"channels\": 16}'; methods that start at the teacher first warm it up "
+        "with compress into OUT.warmup",
+    )
+    p.add_argument("--warmup-minutes", type=float, default=None, help="the warm-up's budget (default: a quarter)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="the warm-up's iterations (default: a quarter)")
+    p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (peft) instead")
     p.add_argument("--max-steps", type=int, default=None, help="iterations to train (default 1000)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at whichever ends first)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")

@@ -206,8 +206,10 @@ class RoundMethod(Method):
     exact during the round producing it), each round's teacher, and the student serving a request
     for ``steps``. ``offset`` iterations precede round 0 (guided distillation's stage one)."""
 
+    chains = False  # each round's teacher is the previous round's student, from the teacher on
+
     def __init__(self, teacher: Denoiser, config: RoundConfig, *, extra_dims: int = 0, offset: int = 0,
-                 keep_first: bool = False) -> None:  # fmt: skip
+                 keep_first: bool = False, student: nn.Module | None = None) -> None:  # fmt: skip
         super().__init__(teacher, config)
         c = self.config
         self.counts = halving_schedule(c.start_steps, c.end_steps)
@@ -215,7 +217,8 @@ class RoundMethod(Method):
             raise FewstepError(f"start_steps ({c.start_steps}) must exceed end_steps ({c.end_steps})")
         self.schedule = RoundSchedule(tuple(self.counts), c.steps_per_round, offset)
         self.fine = karras_sigmas(c.start_steps, teacher.sigma_min, teacher.sigma_max, c.rho)
-        self.student = copy_teacher(teacher, extra_dims=extra_dims)
+        # round 0 starts from the teacher, or from a given student (a smaller network warmed up by compress)
+        self.student = student if student is not None else copy_teacher(teacher, extra_dims=extra_dims)
         set_dropout(self.student, c.dropout)
         # each round's output but the last (the live student); with keep_first also stage one's
         self.kept = self.counts[:-1] if keep_first else self.counts[1:-1]

@@ -95,7 +95,7 @@ class Method:
     """Base class of every distillation method.
 
     Class attributes: ``name`` (registry key), ``family``, ``paper`` (arXiv id), ``needs_data``
-    (real data in :class:`Batch`), ``Config`` (a dataclass of options with the paper's defaults).
+    (real data in :class:`Batch`), ``starts_at_teacher``, ``Config`` (a dataclass of options with the paper's defaults).
     """
 
     name: ClassVar[str] = ""
@@ -103,6 +103,12 @@ class Method:
     paper: ClassVar[str] = ""
     title: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
+    # whether the student must start where the teacher is (a copy, or a smaller network first
+    # warmed up by ``compress``); False where the loss trains any network from its own start (KD)
+    starts_at_teacher: ClassVar[bool] = True
+    # whether a run can start from another run's student (``--init``); methods that rebuild their
+    # student round by round from the teacher, and ``denoise``, cannot
+    chains: ClassVar[bool] = True
     Config: ClassVar[type] = object
     default_steps: ClassVar[tuple[int, ...]] = (1, 2, 4)
     # engine options of the method's reference (e.g. its evaluation EMA), used by new runs where the

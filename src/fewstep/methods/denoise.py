@@ -58,14 +58,17 @@ class Denoise(Method):
     paper = "2206.00364"
     title = "Denoising fine-tuning (EDM loss; the engine's reference method, not a distillation)"
     needs_data = True
+    starts_at_teacher = False
+    chains = False
     Config = DenoiseConfig
     default_steps = (1, 2, 4)
 
-    def __init__(self, teacher: Denoiser, config: DenoiseConfig | None = None) -> None:
+    def __init__(self, teacher: Denoiser, config: DenoiseConfig | None = None, student: nn.Module | None = None):
         super().__init__(teacher, config)
         if self.config.solver not in ("euler", "heun"):
             raise FewstepError(f"denoise samples with euler or heun, got solver {self.config.solver!r}")
-        self.student = copy_teacher(teacher)
+        # a given student (another architecture, an analytic teacher's default network) trains from its own start
+        self.student = student if student is not None else copy_teacher(teacher)
         self.default_steps = tuple(self.config.grid_steps)
 
     def networks(self) -> dict[str, nn.Module]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
@@ -57,7 +57,7 @@ class GuidedDistillation(RoundMethod):
     needs_data = True
     Config = GuidedConfig
 
-    def __init__(self, teacher: Denoiser, config: GuidedConfig | None = None) -> None:
+    def __init__(self, teacher: Denoiser, config: GuidedConfig | None = None, student: nn.Module | None = None):
         if not getattr(teacher, "num_classes", 0):
             raise FewstepError("guided distillation needs a class-conditional teacher (num_classes > 0)")
         config = config if config is not None else GuidedConfig()
@@ -65,7 +65,8 @@ class GuidedDistillation(RoundMethod):
             raise FewstepError(f"w_min ({config.w_min}) must not exceed w_max ({config.w_max})")
         # stage one is "round -1" (the first stage_one_steps iterations): it produces the
         # start_steps-step w-conditioned model, kept as student_<start_steps> and round 0's teacher
-        super().__init__(teacher, config, extra_dims=1, offset=config.stage_one_steps, keep_first=True)
+        super().__init__(teacher, config, extra_dims=1, offset=config.stage_one_steps, keep_first=True,
+                         student=student)  # fmt: skip
 
     def draw_w(self, n: int, device=None) -> Tensor:
         c = self.config

@@ -59,6 +59,7 @@ class KD(Method):
     paper = "2101.02388"
     title = "Knowledge distillation in iterative generative models for improved sampling speed"
     needs_data = False
+    starts_at_teacher = False  # regression trains a student of any shape from its own start
     Config = KDConfig
     default_steps = (1,)
 

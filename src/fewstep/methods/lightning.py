@@ -91,8 +91,9 @@ class Lightning(RoundMethod):
     needs_data = True
     Config = LightningConfig
 
-    def __init__(self, teacher: Denoiser, config: LightningConfig | None = None, features: nn.Module | None = None):
-        super().__init__(teacher, config if config is not None else LightningConfig())
+    def __init__(self, teacher: Denoiser, config: LightningConfig | None = None, features: nn.Module | None = None,
+                 student: nn.Module | None = None) -> None:  # fmt: skip
+        super().__init__(teacher, config if config is not None else LightningConfig(), student=student)
         c = self.config
         if not 0 <= c.cond_fraction <= 1:
             raise FewstepError(f"cond_fraction must lie in [0, 1], got {c.cond_fraction}")

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
@@ -69,8 +69,10 @@ class ProgressiveDistillation(RoundMethod):
     needs_data = True
     Config = ProgressiveConfig
 
-    def __init__(self, teacher: Denoiser, config: ProgressiveConfig | None = None) -> None:
-        super().__init__(teacher, config if config is not None else ProgressiveConfig())
+    def __init__(
+        self, teacher: Denoiser, config: ProgressiveConfig | None = None, student: nn.Module | None = None
+    ) -> None:
+        super().__init__(teacher, config if config is not None else ProgressiveConfig(), student=student)
 
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         """Algorithm 2 (:func:`~fewstep.methods._rounds.pd_loss`) for this iteration's round: the

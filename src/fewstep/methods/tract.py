@@ -70,8 +70,9 @@ class TRACT(Method):
     title = "TRACT: transitive-closure time distillation (Berthelot et al. 2023)"
     needs_data = True
     Config = TRACTConfig
+    chains = False
 
-    def __init__(self, teacher: Denoiser, config: TRACTConfig | None = None) -> None:
+    def __init__(self, teacher: Denoiser, config: TRACTConfig | None = None, student: nn.Module | None = None):
         super().__init__(teacher, config)
         c = self.config
         ph = tuple(int(p) for p in c.phases)
@@ -80,7 +81,7 @@ class TRACT(Method):
         self.phases = ph
         self.schedule = RoundSchedule(ph, c.steps_per_phase)
         self.fine = karras_sigmas(ph[0], teacher.sigma_min, teacher.sigma_max, c.rho)  # (T+1,) to 0
-        self.student = copy_teacher(teacher)
+        self.student = student if student is not None else copy_teacher(teacher)
         set_dropout(self.student, c.dropout)
         self.self_teacher = frozen_copy(self.student)
         for k in ph[1:-1]:  # the last phase's student is the run's student

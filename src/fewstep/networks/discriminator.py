@@ -140,17 +140,21 @@ class TeacherFeatures(FeatureNetwork):
     backbone"). ``levels="bottleneck"`` returns the middle features, ``"multi"`` every encoder level
     as well. With ``trainable=True`` the backbone is a trainable copy (UFOGen, SDXL-Lightning
     initialise their discriminator from the teacher's encoder); otherwise it shares the frozen
-    teacher's weights. ``labels`` condition the backbone (``None`` = the null label)."""
+    teacher's weights. ``labels`` condition the backbone (``None`` = the null label). A teacher
+    without a network (an analytic mixture) lends its ``stand_in``: the network its students were
+    warmed up into, which approximates its denoiser (:mod:`fewstep.train.warmup`)."""
 
     def __init__(
         self, teacher: EDMDenoiser, levels: Literal["bottleneck", "multi"] = "multi", trainable: bool = False
     ) -> None:
         super().__init__()
+        if not isinstance(teacher, EDMDenoiser) and isinstance(getattr(teacher, "stand_in", None), EDMDenoiser):
+            teacher = teacher.stand_in
         net = getattr(teacher, "net", None)
         if not isinstance(teacher, EDMDenoiser) or not isinstance(net, (UNet, MLP)):
             raise FewstepError(
                 f"teacher features need a fewstep UNet/MLP teacher, not {type(teacher).__name__}; "
-                "pass a feature network (ImageFeatures) instead"
+                "pass a feature network (ImageFeatures), or let the run warm a student network up first"
             )
         if levels not in ("bottleneck", "multi"):
             raise FewstepError(f"levels must be 'bottleneck' or 'multi', got {levels!r}")

@@ -10,13 +10,21 @@ from typing import Any
 import torch
 
 from fewstep.data import Dataset
-from fewstep.denoiser import Denoiser
+from fewstep.denoiser import Denoiser, EDMDenoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
 from fewstep.options import build
 from fewstep.runs.checkpoints import Checkpoint, latest, load_modules, unusable, verify
 from fewstep.runs.folder import RunInfo, read_run_config, run_teacher
-from fewstep.students import build_layout
+from fewstep.students import (
+    add_lora,
+    build_layout,
+    build_network,
+    copyable,
+    lora_rank,
+    network_record,
+    student_network,
+)
 
 DATA_FILE = "data.safetensors"  # data given to fewstep.distill as an object, kept for resume and eval
 
@@ -104,6 +112,7 @@ def load_run(
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
     teacher: Denoiser | None = None,
+    student: torch.nn.Module | None = None,
 ) -> Method:
     """Load a finished or partial run back as its method, ready to sample and evaluate.
 
@@ -119,6 +128,7 @@ def load_run(
         checkpoint: a specific checkpoint instead of the newest.
         device: where to place the networks.
         teacher: the teacher object, for runs whose teacher could not be saved.
+        student: the student network object, for runs trained with one (``fewstep.distill(student=net)``).
 
     Returns:
         The :class:`~fewstep.methods.Method`; ``method.sample(noise, steps, cond)`` draws from the
@@ -136,7 +146,8 @@ def load_run(
     options = build(cls.Config, config["method"]["options"], f"method {cls.name}")
     teacher = run_teacher(path, config, teacher)
     torch.manual_seed(config["train"].get("seed", 0))
-    method = build_method(cls, teacher, options, config.get("init"))
+    attach_stand_in(teacher, config.get("init"))
+    method = build_method(cls, teacher, options, config.get("init"), config.get("student"), student)
     for module in [*method.networks().values(), *method.frozen().values()]:
         module.to(device)
     step = load_checkpoint_into(method, path, ema=ema, checkpoint=checkpoint)
@@ -144,9 +155,76 @@ def load_run(
     return method
 
 
-def build_method(cls: type[Method], teacher: Denoiser, options: Any, init_record: dict[str, Any] | None) -> Method:
-    """The method of a run (resumed or reloaded): rebuilt around the layout its chain recorded."""
+def build_method(
+    cls: type[Method],
+    teacher: Denoiser,
+    options: Any,
+    init_record: dict[str, Any] | None,
+    student: dict[str, Any] | None = None,
+    network: torch.nn.Module | None = None,
+) -> Method:
+    """The method of a run (resumed or reloaded): rebuilt around the layout its chain recorded and
+    the student network it recorded (:func:`student_record`; weights come from the checkpoint)."""
     spec = (init_record or {}).get("layout")
+    if student:
+        return cls(teacher, options, student=rebuild_student(cls, teacher, options, student, spec, network))
     if spec:
         return cls(teacher, options, student=build_layout(spec, teacher))
     return cls(teacher, options)
+
+
+def attach_stand_in(teacher: Denoiser, init_record: dict[str, Any] | None) -> None:
+    """Give a teacher without a network (an analytic mixture) the plain denoiser inside the student
+    its run started from (``init``: the warm-up), as ``teacher.stand_in`` — the backbone of teacher
+    features (discriminators). Not a submodule: the teacher's parameters stay its own."""
+    if copyable(teacher) or not (init_record or {}).get("run"):
+        return
+    before = load_run(init_record["run"], ema=True, teacher=teacher)
+    net = before.student
+    while not isinstance(net, EDMDenoiser) and isinstance(getattr(net, "net", None), torch.nn.Module):
+        net = net.net
+    if isinstance(net, EDMDenoiser):
+        object.__setattr__(teacher, "stand_in", net.eval().requires_grad_(False))
+
+
+def student_record(student: torch.nn.Module, teacher: Denoiser) -> dict | None:
+    """What ``config.json`` keeps (``student``) to rebuild a student that is not a plain teacher
+    copy: its network description (when it is not the teacher's) and its LoRA rank."""
+    net = network_record(student)
+    rank = None if hasattr(teacher, "lora_config") else lora_rank(student)  # a lora: teacher's adapters are its own
+    other = not copyable(teacher) or (net is not None and _shape(net) != _shape(network_record(teacher)))
+    if not other and not rank:
+        return None
+    return {"net": net if other else None, "lora_rank": rank}
+
+
+def _shape(record: dict | None) -> dict | None:
+    """A network description without its dropout rate (methods set the student's own)."""
+    if not record or "net" not in record:
+        return record
+    return {**record, "net": {k: v for k, v in record["net"].items() if k != "dropout"}}
+
+
+def rebuild_student(
+    cls: type[Method],
+    teacher: Denoiser,
+    options: Any,
+    record: dict,
+    layout: list | None,
+    network: torch.nn.Module | None = None,
+):
+    """The (untrained) student of a :func:`student_record`: the recorded network (or ``network``,
+    for a student given as an object) in the method's wrapping (or the chain's recorded layout),
+    with its LoRA adapters."""
+    net = record.get("net")
+    if net and "object" in net and network is not None:
+        base = student_network(teacher, network)
+    else:
+        base = build_network(net) if net else teacher
+    if layout:
+        built = build_layout(layout, base)
+    else:
+        built = cls(base, options).student
+    if record.get("lora_rank"):
+        add_lora(built, record["lora_rank"])
+    return built

@@ -25,7 +25,7 @@ from fewstep.runs.folder import (
     save_student,
     save_teacher,
 )
-from fewstep.runs.load import data_record, load_checkpoint_into, run_data, save_data
+from fewstep.runs.load import data_record, load_checkpoint_into, run_data, save_data, student_record
 from fewstep.train.config import (
     RESUMABLE,
     Sources,
@@ -53,6 +53,8 @@ class Plan:
     data_obj: Dataset | None
     resume: bool
     overwrite: bool
+    warmup: Path | None = None  # the compress run this run's student starts from (train/warmup.py)
+    student_obj: Any = None  # a student network given as an object (fewstep.distill(student=module))
 
     def config(self) -> dict[str, Any]:
         """The JSON written to ``config.json`` (and printed by ``--dry-run``)."""
@@ -81,6 +83,7 @@ def plan_run(
     data: Dataset | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    student: Any = None,
 ) -> Plan:
     """Resolve options (typed, validated) into a :class:`Plan`; one-line errors for bad input.
     ``teacher``/``data`` are objects given through the Python API (else specs in the options)."""
@@ -95,6 +98,10 @@ def plan_run(
         sources = _resume_sources(out, sources)
     method_cls = get_method(method_name(sources))
     cfg, options = resolve(sources, method_cls, new_run=not resume, teacher_given=teacher is not None)
+    from fewstep.train.warmup import check_student_options, parse_student_net
+
+    cfg.student_net = parse_student_net(cfg.student_net)
+    check_student_options(method_cls, cfg, student)
     if cfg.teacher and not resume:
         cfg.teacher = absolute_spec(cfg.teacher)
     if cfg.init and not resume:
@@ -108,7 +115,7 @@ def plan_run(
     teacher_obj = teacher is not None and not resume
     if teacher is None:
         teacher = _resume_teacher(out) if resume else load_teacher(cfg.teacher)
-    return Plan(out, cfg, method_cls, options, teacher, teacher_obj, data, resume, overwrite)
+    return Plan(out, cfg, method_cls, options, teacher, teacher_obj, data, resume, overwrite, student_obj=student)
 
 
 def absolute_spec(spec: str) -> str:
@@ -209,6 +216,10 @@ def execute(plan: Plan, eval_hook=None) -> Method:
     # cpu= before accelerate's state exists: under an FSDP launch on a CPU machine, a state built
     # without it sees a single process
     state = PartialState(cpu=plan.cfg.cpu)
+    from fewstep.train.warmup import needs_warmup, run_warmup
+
+    if not plan.resume and needs_warmup(plan):
+        plan.warmup = run_warmup(plan)
     method, init = make_method(plan, state)
     data = resolve_data(plan, method)
     device = "cpu" if plan.cfg.cpu else state.device
@@ -223,6 +234,7 @@ def execute(plan: Plan, eval_hook=None) -> Method:
     config = plan.config()
     config["data"] = data_record(data)
     config["init"] = init
+    config["student"] = student_record(method.student, plan.teacher)
     if plan.resume:  # keep what the run was made with; only the budget options may have changed
         config = {**read_run_config(plan.out), "train": config["train"]}
     lock = take_lock(plan, state)
@@ -236,19 +248,41 @@ def make_method(plan: Plan, state) -> tuple[Method, dict[str, Any] | None]:
     """The method of ``plan`` (identically initialised on every process) and, for a chain, the
     ``init`` record of ``config.json``: a new run starts from ``--init``'s student, a resumed one
     rebuilds the student layout its chain recorded (the weights come from the checkpoint)."""
-    from fewstep.runs.load import build_method
+    from fewstep.runs.load import attach_stand_in, build_method
+    from fewstep.students import add_lora
     from fewstep.train.warmstart import warm_start
+    from fewstep.train.warmup import WARMUP_METHOD, custom, fresh_student, student_from_run
 
+    cls, cfg = plan.method_cls, plan.cfg
     if plan.resume:
-        init = read_run_config(plan.out).get("init")
-        torch.manual_seed(plan.cfg.seed)
-        return build_method(plan.method_cls, plan.teacher, plan.options, init), init
-    if plan.cfg.init:
+        saved = read_run_config(plan.out)
+        attach_stand_in(plan.teacher, saved.get("init"))
+        torch.manual_seed(cfg.seed)
+        method = build_method(
+            cls, plan.teacher, plan.options, saved.get("init"), saved.get("student"), plan.student_obj
+        )
+        return method, saved.get("init")
+    if cfg.init and read_run_config(Path(cfg.init))["method"]["name"] == WARMUP_METHOD:
+        plan.warmup = Path(cfg.init)  # a compress run: the method wraps its network as it wraps a teacher copy
+    if cfg.init and plan.warmup is None:
         if state.is_main_process:
-            print(f"starting the student from {plan.cfg.init}", flush=True)
-        return warm_start(plan.method_cls, plan.teacher, plan.options, Path(plan.cfg.init), plan.cfg.seed)
-    torch.manual_seed(plan.cfg.seed)
-    return plan.method_cls(plan.teacher, plan.options), None
+            print(f"starting the student from {cfg.init}", flush=True)
+        attach_stand_in(plan.teacher, {"run": cfg.init})
+        return warm_start(cls, plan.teacher, plan.options, Path(cfg.init), cfg.seed)
+    init, student = None, None
+    if plan.warmup is not None:
+        student, init = student_from_run(plan, plan.warmup)
+        attach_stand_in(plan.teacher, init)
+    elif custom(plan):
+        student = fresh_student(plan)
+    if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)
+        student = student if student is not None else cls(plan.teacher, plan.options).student
+        add_lora(student, cfg.lora_rank)
+    torch.manual_seed(cfg.seed)
+    if student is None:
+        return cls(plan.teacher, plan.options), None
+    return cls(plan.teacher, plan.options, student=student), init
 
 
 def take_lock(plan: Plan, state) -> RunLock:
@@ -310,7 +344,17 @@ def finish(method: Method, out: Path, summary: dict[str, Any]) -> Method:
         if record.get("spec"):  # the student says what it learned from (a trained teacher is used so)
             info["data"] = record["spec"]
             info["trained_on"] = record.get("name")
-        save_student(method.student, out / "student", info, state=state)
+        from fewstep.students import lora_rank, merge_lora
+
+        student = method.student
+        if lora_rank(student) and state is None:  # the adapters, and the merged full student
+            from fewstep.io import save_tensors
+
+            lora = {k: v for k, v in student.state_dict().items() if "lora_" in k}
+            save_tensors(out / "lora.safetensors", lora)
+            info["lora_rank"] = lora_rank(student)
+            student = merge_lora(student)
+        save_student(student, out / "student", info, state=state)
     method.run = RunInfo(out, summary["step"], read_run_config(out), summary)
     return method
 
@@ -349,6 +393,7 @@ def distill(
     *,
     data: str | Dataset | None = None,
     options: dict[str, Any] | None = None,
+    student: str | dict | torch.nn.Module | None = None,
     eval_hook=None,
     resume: bool = False,
     overwrite: bool = False,
@@ -369,6 +414,11 @@ def distill(
         max_steps: iterations to train (default 1000 when ``minutes`` is not given either).
         out: the run directory; a fresh temporary folder when ``None``.
         data: a data spec or :class:`~fewstep.data.Dataset` for methods that need data.
+        student: the student network when it is not a teacher copy: ``"half"``, ``"quarter"``, a dict
+            of network options (``{"channels": 16}``), or a module (an :class:`~fewstep.denoiser.EDMDenoiser`,
+            or a network ``F(x, c_noise, labels, extra)`` wrapped in EDM's preconditioning). Methods
+            that start at the teacher first warm it up with ``compress`` (:mod:`fewstep.train.warmup`;
+            ``warmup_minutes``/``warmup_steps``). ``lora_rank=R`` trains LoRA adapters instead.
         init: (keyword, an engine option) a run folder whose student this run's student starts
             from — a warm-started chain such as ``kd`` then ``dmd2`` (:mod:`fewstep.train.warmstart`).
         eval_hook: ``callable(method, step, run_dir) -> dict | None`` run every ``eval_every`` steps.
@@ -399,8 +449,12 @@ def distill(
         if resume:
             raise FewstepError("resume=True needs the run's out= folder")
         out = tempfile.mkdtemp(prefix="fewstep-run-")
+    student_obj = student if isinstance(student, torch.nn.Module) else None
+    if student is not None and student_obj is None:
+        engine["student_net"] = student
     sources = Sources(flags=engine, options=method_opts)
-    plan = plan_run(sources, out, teacher=obj_teacher, data=obj_data, resume=resume, overwrite=overwrite)
+    plan = plan_run(sources, out, teacher=obj_teacher, data=obj_data, resume=resume, overwrite=overwrite,
+                    student=student_obj)  # fmt: skip
     if resume and obj_teacher is not None:
         plan.teacher = obj_teacher
     return execute(plan, eval_hook=eval_hook)

@@ -52,6 +52,12 @@ class TrainConfig:
     teacher: str = ""
     data: str | dict | None = None  # data for methods that need it (a spec; saved whole); default: the teacher's
     init: str | None = None  # start the student from this run's student (a warm-started chain; train/warmstart.py)
+    # a student that is not a teacher copy: "half", "quarter" or network options ({"channels": 16});
+    # methods that start at the teacher first train it with compress (train/warmup.py)
+    student_net: str | dict | None = None
+    warmup_minutes: float | None = None  # the compress warm-up's budget (default: a quarter of this run's)
+    warmup_steps: int | None = None
+    lora_rank: int | None = None  # train peft LoRA adapters of this rank instead of the student's weights
     max_steps: int | None = 1000
     minutes: float | None = None
     seed: int = 0
@@ -119,6 +125,9 @@ class TrainConfig:
                 "sample_every/eval_every/sample_n must be >= 0",
             ),
             (self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}"),
+            (self.lora_rank is None or self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
+            (self.warmup_minutes is None or self.warmup_minutes > 0, "warmup_minutes must be > 0"),
+            (self.warmup_steps is None or self.warmup_steps >= 1, "warmup_steps must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

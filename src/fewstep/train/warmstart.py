@@ -51,8 +51,9 @@ TOLERANCE = 1e-3  # max |one-step sample difference| / sigma_data for a warm sta
 
 
 def accepts_student(cls: type[Method]) -> bool:
-    """Whether the method can be built around a given student (``student=`` in its constructor)."""
-    return "student" in inspect.signature(cls.__init__).parameters
+    """Whether the method can start from another run's student (``student=`` in its constructor,
+    and not rebuilt round by round from the teacher)."""
+    return "student" in inspect.signature(cls.__init__).parameters and cls.chains
 
 
 def chainable() -> list[str]:
@@ -140,9 +141,15 @@ def warm_start(
             f"--init {init}: its teacher makes samples {tuple(src_t.sample_shape)} with {src_t.num_classes} classes, "
             f"this run's {tuple(teacher.sample_shape)} with {teacher.num_classes}; chain runs of the same teacher"
         )
+    from fewstep.runs.load import student_record
+    from fewstep.students import build_network, lora_rank, merge_lora
+
+    record = student_record(before.student, before.teacher)
+    src = merge_lora(before.student) if lora_rank(before.student) else before.student
     torch.manual_seed(seed)
-    default = cls(teacher, options)
-    student = convert(before.student, default.student)
+    # the default student of the new method, around the same network as the earlier run's student
+    default = cls(build_network(record["net"]) if record and record.get("net") else teacher, options)
+    student = convert(src, default.student)
     if student is None:
         raise FewstepError(
             f"--init {init}: a {before.name} student ({_kind(before.student)}) cannot become a {cls.name} student "

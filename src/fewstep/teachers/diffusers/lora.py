@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.students import add_lora
+from fewstep.students import tuner_layers as _tuner_layers
 from fewstep.teachers.diffusers.adapter import DiffusersDenoiser
 
 # the layers diffusers' LCM-LoRA script adapts (attention, feed-forward, resnet convs, time projections)
@@ -34,34 +36,6 @@ TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_in",
     "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
 )  # fmt: skip
-
-
-def _tuner_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: tuple[str, ...] = TARGETS) -> Any:
-    """Add LoRA adapters (``lora_alpha = alpha or rank``) to every ``targets`` layer of ``model``;
-    freeze everything else. Returns the ``LoraConfig``."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if rank < 1:
-        raise FewstepError(f"LoRA rank must be >= 1, got {rank}")
-    names = {n for n, _ in model.named_modules()}
-    present = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
-    if not present:
-        raise FewstepError(f"none of the LoRA target layers {', '.join(targets)} is in {type(model).__name__}")
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=present)
-    model.requires_grad_(False)
-    if hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin (UNet2DConditionModel, transformers)
-        model.add_adapter(config)
-    else:  # UNet2DModel has no mixin; peft injects the same layers
-        inject_adapter_in_model(config, model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return config
 
 
 @contextmanager
