@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
 from fewstep.students import copyable, student_network
