@@ -20,6 +20,9 @@
 # DMD changed without an option (no dropout noise in the fake score's estimate; SiD and
 # Diff-Instruct step the fake score before the generator uses it), so their older rows do not
 # reproduce exactly with today's code — the *_ref rows are today's.
+# Students that are not teacher copies (issue 19): compress_* warm a smaller network up (BK-SDM's
+# output- and feature-level distillation; _nofeat: output only), *_q / *_h are quarter / half-size
+# students (cd and dmd2 start from the warm-up, kd trains from scratch), cd_lora* train LoRA adapters.
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
@@ -75,6 +78,16 @@ ufogen         ufogen         12 100000 64 0.999 lr=1e-4 d_lr=1e-4
 ufogen_tuned   ufogen         12 100000 64 0     lr=1e-4 d_lr=1e-3 chain_sigmas=7.3,0.35,0.1,0.03
 lightning      lightning      12 2800   64 0     start_steps=16 end_steps=1 steps_per_round=700 lr=1e-4 d_lr=1e-4
 lightning_pd   lightning      15 2400   64 0     start_steps=16 steps_per_round=600 mse_rounds=1 mse_weight=1 lr=3e-4 lr_anneal=true d_lr=1e-3
+compress_q     compress       6  100000 64 ref   student_net=quarter
+compress_q_nofeat compress    6  100000 64 ref   student_net=quarter lambda_feat=0
+compress_h     compress       6  100000 64 ref   student_net=half
+cd_q           cd             12 100000 64 ref   init=compress_q
+cd_h           cd             12 100000 64 ref   init=compress_h
+kd_q           kd             12 100000 64 ref   student_net=quarter
+kd_h           kd             12 100000 64 ref   student_net=half
+dmd2_q         dmd2           12 100000 32 ref   init=compress_q lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03
+cd_lora4       cd             12 100000 64 ref   lora_rank=4
+cd_lora16      cd             12 100000 64 ref   lora_rank=16
 "
 for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
