@@ -22,7 +22,8 @@
 # reproduce exactly with today's code — the *_ref rows are today's.
 # Students that are not teacher copies (issue 19): compress_* warm a smaller network up (BK-SDM's
 # output- and feature-level distillation; _nofeat: output only), *_q / *_h are quarter / half-size
-# students (cd and dmd2 start from the warm-up, kd trains from scratch), cd_lora* train LoRA adapters.
+# students (cd and dmd2 start from the warm-up, kd trains from scratch), cd_lora* train LoRA adapters;
+# cd_q12: CD from a 12-minute output-only warm-up (is the warm-up what holds cd_q back?).
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
@@ -88,6 +89,8 @@ kd_h           kd             12 100000 64 ref   student_net=half
 dmd2_q         dmd2           12 100000 32 ref   init=compress_q lr=1e-4 fake_lr=1e-4 warmup=100 gen_gan_weight=0.03
 cd_lora4       cd             12 100000 64 ref   lora_rank=4
 cd_lora16      cd             12 100000 64 ref   lora_rank=16
+compress_q12   compress       12 100000 64 ref   student_net=quarter lambda_feat=0
+cd_q12         cd             12 100000 64 ref   init=compress_q12
 "
 for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')

@@ -198,8 +198,8 @@ def student_network(teacher: Denoiser, spec: str | dict | nn.Module | None = Non
     network options (``{"channels": 16}``, ``{"arch": "mlp", "hidden": 128}``) laid over the
     teacher's configuration (or over the default below), or ``None``: the default for a teacher
     that has no network to copy (an analytic mixture) — an MLP (hidden 256, depth 4) for flat
-    samples, a UNet for images (64 channels at 8x8, halving per 2x of resolution down to 32,
-    two levels, one block each, no attention). The denoiser's noise range, ``sigma_data``, sample
+    samples, a UNet for images (the digits teacher's shape: 32 channels, two levels of one block
+    each, no attention; about 0.66 M parameters at 8x8). The denoiser's noise range, ``sigma_data``, sample
     shape and classes are the teacher's."""
     from fewstep.teachers.native import build_model
 
@@ -267,8 +267,7 @@ def _default_net(teacher: Denoiser, arch: str) -> dict:
         return MLPConfig(dim=shape[0], num_classes=classes).to_dict()
     if len(shape) != 3 or shape[1] != shape[2]:
         raise FewstepError(f"a UNet student needs square images (C, H, H); this teacher's samples are {shape}")
-    channels = max(32, 64 // max(1, shape[1] // 8))
-    return UNetConfig(resolution=shape[1], in_channels=shape[0], channels=channels, blocks=1,
+    return UNetConfig(resolution=shape[1], in_channels=shape[0], channels=32, blocks=1,
                       attn_resolutions=(), num_classes=classes).to_dict()  # fmt: skip
 
 

@@ -36,6 +36,10 @@ minutes, docs/benchmarks.md): the summed reading with ``lambda = 2.5`` collapses
 few modes (FID ratio 43.6 at 1 NFE, recall 0.07) where the per-pixel mean with ``distill_weight=10``
 gives 10.9 — with no released code the reduction stays the paper's text, and ``"mean"`` is one
 option away.
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): the ``compress`` warm-up network; the distillation target is still the
+teacher's and the discriminator keeps its feature network.
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@ DDPM-timestep ``timestep_scaling = 10`` form; with Heun, the guided step is Heun
 denoiser (for Euler/DDIM, LCM's default, this equals Eq. 9 exactly); the student's dropout
 defaults to 0 whatever the teacher's (with dropout > 0 the target runs without it rather than
 sharing the student's dropout mask).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): the ``compress`` warm-up network in the consistency scalings (LCM:
+with its zero-initialised w input); the ODE step still runs the teacher, and the target network
+copies the student.
 """
 
 from __future__ import annotations

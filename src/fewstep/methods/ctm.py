@@ -48,6 +48,11 @@ lambda_DSM, ``dsm_sampler = "lognormal"`` the log-normal DSM levels alone, ``tar
 "ema"`` the EMA for both target jumps: this module's behaviour before it was checked against the
 reference); the student's dropout defaults to 0 whatever the teacher's (the target and the
 teacher run without it).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): the ``compress`` warm-up network with CTM's zero-initialised target-
+level input; the ODE solver and the DSM term still use the teacher; the discriminator reads the
+teacher's features (an analytic teacher's: the warm-up network's).
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ fine-tuning rate, a tenth of EDM's from-scratch 1e-3); no gradient clipping, as 
 ``fewstep teacher train`` runs this method from a freshly initialised network (the run's
 "teacher" is then only the initial weights): lr 2e-3 with a linear warm-up (``warmup_steps``),
 betas (0.9, 0.99), label dropout 0.1, and the engine's EDM evaluation EMA (half-life with ramp-up).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): trained from its own start on data (a smaller network, or an analytic
+teacher's default network, learns from scratch).
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ Deviations: generator labels are drawn uniformly (the reference reads them from 
 the reference evaluates an EMA of G (half-life 500 kimg, ramp-up 0.05), which is the engine's
 evaluation EMA here with the same settings (``engine_defaults``); DSM is averaged over pixels
 (the reference sums them) — only the scale seen by Adam changes.
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): the ``compress`` warm-up network fed at ``sigma_init``; the fake score
+still copies the teacher (an analytic teacher's: a mixture with trainable means and scales).
 """
 
 from __future__ import annotations

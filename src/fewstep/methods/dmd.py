@@ -29,6 +29,11 @@ writes an unweighted denoising loss; generator labels are uniform over classes. 
 official code: the fake score runs in eval mode (no dropout) when it serves as a score estimate in
 the generator's gradient, as the frozen teacher does, so a fake score equal to the teacher gives a
 zero gradient (DMD2's code reaches the same by building every network with dropout 0).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): the ``compress`` warm-up network fed at ``sigma_init``; the fake score
+still copies the teacher (an analytic teacher's: a mixture with trainable means and scales), and the
+regression pairs still come from the teacher.
 """
 
 from __future__ import annotations

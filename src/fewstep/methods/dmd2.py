@@ -35,6 +35,11 @@ conv to a logit) is sized to fewstep's UNet bottleneck, read through
 :class:`~fewstep.networks.discriminator.TeacherFeatures`; multi-step sampling re-noises with the
 global RNG; psi's DSM and the GAN use fresh generator samples rather than the generator step's (the
 same distribution).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): the ``compress`` warm-up network as the generator ``G(x, sigma)``; the
+fake score still copies the teacher; the GAN head reads the fake score's bottleneck (an analytic
+teacher's fake score is a mixture: the head reads the frozen warm-up network's).
 """
 
 from __future__ import annotations

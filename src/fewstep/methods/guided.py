@@ -20,6 +20,10 @@ Deviations: the paper trains with ``w' in [0, 4]`` (``w`` in [1, 5], the default
 marks the range unverified) and also distils a stochastic sampler; fewstep distils the
 deterministic DDIM sampler only. The stage-one student is the teacher's network with the extra
 input (the paper's w-embedding is likewise added to the time embedding).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): stage one starts from the ``compress`` warm-up network with its zero-
+initialised w input and still regresses the guided teacher.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Deviations: the reference sums the error over pixels (here averaged — only the
 changes); its 5000-step linear lr warm-up and its 0.995 EMA are not applied (the engine's
 evaluation EMA plays the EMA's part); the reference used 1.024M pairs, the default here is 10k
 (``num_pairs``; pass ``pairs=DIR`` to use a folder made by ``fewstep pairs``).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): trained from its own start by the same regression, without a warm-up.
 """
 
 from __future__ import annotations

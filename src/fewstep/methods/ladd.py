@@ -23,6 +23,10 @@ noise level; here the level reaches the heads through the teacher's features onl
 approximate-R1 penalty (APT, arXiv 2501.08316; FastGen's LADD) is off by default; teacher data
 comes from the teacher's Heun sampler at guidance 1 (``guidance`` sets CFG), 10k samples by default.
 Optimiser settings are the usual GAN ones, Adam with betas (0, 0.99).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): the ``compress`` warm-up network; the discriminator still reads the
+teacher's features (an analytic teacher's: the frozen warm-up network's).
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ UNet encoder; whether it is fine-tuned is not stated), the heads are class-condi
 projection (the paper: text), the schedule starts at ``start_steps`` = 32 with 2x halving (the
 paper: 128 -> 32 -> 8 -> 4 -> 2 -> 1), optimisers are Adam with betas (0, 0.99) run through all
 rounds (the paper does not give them).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): round 0 starts from the ``compress`` warm-up network; round 0's
+teacher and the discriminator's features are still the teacher's (an analytic teacher's: the warm-up
+network's).
 """
 
 from __future__ import annotations

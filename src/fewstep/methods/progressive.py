@@ -35,6 +35,10 @@ Deviations: the paper trains each round with a fresh optimizer whose learning ra
 rounds (the engine owns optimizers), at a constant rate unless ``lr_anneal`` (the paper's decay,
 off by default because the last round has no fixed end). The paper's networks predict x (or
 "both"/v); here the student is the teacher's EDM-preconditioned x0-predictor.
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): round 0 starts from the ``compress`` warm-up network and still learns
+the teacher's two DDIM steps; later rounds are as usual.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ Deviations: the EDM reference weights the loss as EDM does (unit weight on the r
 output), the DDPM reference by ``max(SNR, 1)``; the latter is the default (``weighting="edm"``
 gives the former). The reference clips the self-teacher's x0 to [-1, 1]; fewstep does not assume
 the data range. Gradient clipping at norm 1 follows ``tc_distill.py``.
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): phase 0 starts from the ``compress`` warm-up network; phase 0's
+teacher is still the teacher.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ Deviations: ``gamma_t`` uses ``max(s_{t-1}, gamma_floor)`` so the last step, whe
 stays finite (the paper's chain ends at a small but non-zero level); the squared error is averaged
 over pixels (not summed). Heads are class-conditioned by projection (the paper: text). Optimiser
 settings (not given in the paper) are Adam with betas (0, 0.99).
+
+A student that is not a teacher copy (``--student-net``, an analytic teacher;
+:mod:`fewstep.train.warmup`): the ``compress`` warm-up network; the discriminator backbone is still
+built from the teacher (an analytic teacher's: the warm-up network's).
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def run_warmup(plan: Any) -> Path:
         if saved["method"]["name"] != WARMUP_METHOD or saved["train"].get("student_net") != cfg.student_net:
             raise FewstepError(
                 f"{out} exists and is not this run's warm-up ({saved['method']['name']}, student_net "
-                f"{saved['train'].get('student_net')!r}); move it away or pass --warmup-... to another --out"
+                f"{saved['train'].get('student_net')!r}); move it away or choose another --out"
             )
         if (out / "student" / "config.json").is_file():
             print(f"warm-up: using the finished {WARMUP_METHOD} run {out}", flush=True)
@@ -134,9 +134,12 @@ def run_warmup(plan: Any) -> Path:
     print(f"warm-up: training the student network with {WARMUP_METHOD} into {out} "
           f"({', '.join(f'{k}={v:g}' for k, v in warmup_budget(cfg).items() if v)})", flush=True)  # fmt: skip
     teacher = plan.teacher if plan.teacher_obj else None
-    sub = plan_run(Sources(flags=flags), out, teacher=teacher, data=plan.data_obj, resume=resume,
-                   student=plan.student_obj)  # fmt: skip
-    execute(sub)
+    try:
+        sub = plan_run(Sources(flags=flags), out, teacher=teacher, data=plan.data_obj, resume=resume,
+                       student=plan.student_obj)  # fmt: skip
+        execute(sub)
+    except FewstepError as e:
+        raise FewstepError(f"the warm-up of the {plan.method_cls.name} student ({out}): {e}") from None
     return out
 
 
