@@ -172,7 +172,8 @@ def test_every_method_runs_on_an_analytic_image_teacher(name, tmp_path):
         opts.update(phases=(4, 1), steps_per_phase=1)
     m = distill("analytic:image", name, max_steps=2, out=out, warmup_steps=2, student_net={"channels": 8},
                 **{**FAST, "batch": 4}, **opts)  # fmt: skip
-    x = m.sample(torch.randn(2, 1, 8, 8), steps=1 if 1 in m.default_steps else m.default_steps[0])
+    x = m.sample(torch.randn(2, 1, 8, 8), steps=1 if 1 in m.default_steps else m.default_steps[0],
+                 cond=torch.tensor([0, 3]))  # fmt: skip
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
     assert json.loads((out / "config.json").read_text())["student"]["net"]["net"]["channels"] == 8
     load_run(out)

@@ -328,7 +328,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: t
     ``nn.Conv2d`` of a fewstep network outside its conditioning embedding — the convolutions,
     attention projections and per-block embedding projections, as LCM-LoRA adapts in SD's UNet) and
     freeze everything else. ``B`` starts at zero, so the model is unchanged. Returns the ``LoraConfig``."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise FewstepError("LoRA students need peft: pip install 'fewstep[diffusers]'") from None
 
     if rank < 1:
         raise FewstepError(f"LoRA rank must be >= 1, got {rank}")

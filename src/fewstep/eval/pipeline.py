@@ -77,6 +77,10 @@ def resolve(spec: str | Path, student_steps: tuple[int, ...] | None = None, weig
         from fewstep.runs.folder import run_cost
 
         method = load_run(path, ema=weights == "ema")
+        from fewstep.students import lora_rank, merge_lora
+
+        if lora_rank(method.student):  # the same function with the adapters folded in: timed as the run's student
+            method.student = merge_lora(method.student)
         cfg = method.run.config
         data = run_data(path, cfg)
         teacher_spec = cfg["teacher"].get("spec") or f"{path}/teacher"
