@@ -286,15 +286,21 @@ def _preset(teacher: EDMDenoiser, base: dict, fraction: float) -> EDMDenoiser:
     return best[1].train()
 
 
+def inner_denoiser(student: nn.Module) -> EDMDenoiser | None:
+    """The plain EDM denoiser a student wraps (through ``.net``: generator, consistency, flow map)."""
+    inner = student
+    while not isinstance(inner, EDMDenoiser) and isinstance(getattr(inner, "net", None), nn.Module):
+        inner = inner.net
+    return inner if isinstance(inner, EDMDenoiser) else None
+
+
 def network_record(student: nn.Module) -> dict | None:
     """The description of the plain EDM denoiser inside ``student`` (``arch``, ``net`` with
     ``extra_dims`` 0, ``denoiser``), for ``config.json``; ``None`` for other networks."""
     from fewstep.teachers.native import model_config
 
-    inner = student
-    while not isinstance(inner, EDMDenoiser) and isinstance(getattr(inner, "net", None), nn.Module):
-        inner = inner.net
-    if not isinstance(inner, EDMDenoiser):
+    inner = inner_denoiser(student)
+    if inner is None:
         return None
     if not hasattr(inner.net, "config") or not hasattr(inner.net.config, "to_dict"):
         return {"object": type(inner.net).__name__}

@@ -177,7 +177,7 @@ class Compress(Method):
 
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
-        from fewstep.solvers import sample
+        from fewstep.solvers import sample, steps_for_nfe
 
-        steps = (steps + 1) // 2 if self.config.solver == "heun" else steps  # keep NFE <= steps
-        return sample(self.student, noise, self.config.solver, max(steps, 1), cond)[0]
+        solver = self.config.solver  # at most ``steps`` network evaluations
+        return sample(self.student, noise, solver, steps_for_nfe(solver, steps), cond)[0]

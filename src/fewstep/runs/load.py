@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fewstep.data import Dataset
-from fewstep.denoiser import Denoiser, EDMDenoiser
+from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.methods.base import Method
 from fewstep.options import build
@@ -21,6 +21,7 @@ from fewstep.students import (
     build_layout,
     build_network,
     copyable,
+    inner_denoiser,
     lora_rank,
     network_record,
     student_network,
@@ -179,11 +180,13 @@ def attach_stand_in(teacher: Denoiser, init_record: dict[str, Any] | None) -> No
     features (discriminators). Not a submodule: the teacher's parameters stay its own."""
     if copyable(teacher) or not (init_record or {}).get("run"):
         return
-    before = load_run(init_record["run"], ema=True, teacher=teacher)
-    net = before.student
-    while not isinstance(net, EDMDenoiser) and isinstance(getattr(net, "net", None), torch.nn.Module):
-        net = net.net
-    if isinstance(net, EDMDenoiser):
+    set_stand_in(teacher, load_run(init_record["run"], ema=True, teacher=teacher).student)
+
+
+def set_stand_in(teacher: Denoiser, student: torch.nn.Module) -> None:
+    """``teacher.stand_in`` = the plain denoiser inside ``student``, for a teacher without a network."""
+    net = inner_denoiser(student)
+    if not copyable(teacher) and net is not None:
         object.__setattr__(teacher, "stand_in", net.eval().requires_grad_(False))
 
 

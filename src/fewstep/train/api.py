@@ -272,7 +272,6 @@ def make_method(plan: Plan, state) -> tuple[Method, dict[str, Any] | None]:
     init, student = None, None
     if plan.warmup is not None:
         student, init = student_from_run(plan, plan.warmup)
-        attach_stand_in(plan.teacher, init)
     elif custom(plan):
         student = fresh_student(plan)
     if cfg.lora_rank:

@@ -150,7 +150,10 @@ def student_from_run(plan: Any, run: Path):
     from fewstep.runs.folder import run_cost
 
     cls, options, seed = plan.method_cls, plan.options, plan.cfg.seed
+    from fewstep.runs.load import set_stand_in
+
     before = load_run(run, ema=True, teacher=plan.teacher, student=plan.student_obj)
+    set_stand_in(plan.teacher, before.student)  # an analytic teacher's feature backbone
     net = before.student
     torch.manual_seed(seed)
     student = cls(net, options).student  # the method's own wrapping, around the warmed-up network
