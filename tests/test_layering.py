@@ -63,6 +63,11 @@ def test_nothing_imports_upward_and_eval_and_train_stay_apart():
     assert problems == []
 
 
+# a method the paper defines as another method with one change subclasses it (f-distill is DMD2
+# with a per-sample weight, SiDA is SiD with a GAN, TCM is ECT on a truncated range)
+VARIANTS = {("fdistill", "dmd2"), ("sida", "sid"), ("tcm", "ect")}
+
+
 def test_no_method_file_imports_another():
     methods = SRC / "methods"
     files = {p.stem for p in methods.glob("*.py") if not p.stem.startswith("_") and p.stem != "base"}
@@ -71,6 +76,9 @@ def test_no_method_file_imports_another():
         for p in methods.glob("*.py")
         if p.stem in files
         for t in imports(p)
-        if t.startswith("fewstep.methods.") and t.split(".")[2] in files and t.split(".")[2] != p.stem
+        if t.startswith("fewstep.methods.")
+        and t.split(".")[2] in files
+        and t.split(".")[2] != p.stem
+        and (p.stem, t.split(".")[2]) not in VARIANTS
     ]
     assert problems == []

@@ -4,9 +4,13 @@ not a method.
 - :func:`distance`: the per-sample distances the papers use (L2 / L1 as ``mean_flat`` in
   openai/consistency_models; LCM's elementwise pseudo-Huber ``sqrt(d^2 + c^2) - c``).
 - :func:`sampling_sigmas`: the default noise levels of few-step consistency / flow-map sampling.
+- :func:`directional_derivative`: a network's derivative along a direction (forward-mode JVP or a
+  central finite difference), the time derivative of continuous-time consistency and MeanFlow.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -59,3 +63,27 @@ def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def expand_like(v: float | Tensor, x: Tensor) -> Tensor:
     """A ``(B,)`` tensor on ``x``'s device and dtype."""
     return torch.as_tensor(v, device=x.device, dtype=x.dtype).expand(x.shape[0]).clone()
+
+
+TANGENTS = ("jvp", "fd")
+
+
+def directional_derivative(
+    fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], mode: str = "jvp",
+    eps: float = 1e-3,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(fn(*primals), d/dh fn(*(primals + h * tangents)) at h = 0)`` without gradients.
+
+    ``mode = "jvp"``: forward-mode automatic differentiation (:func:`torch.func.jvp`, one pass that
+    carries the tangent); ``"fd"``: the central difference ``(fn(p + eps v) - fn(p - eps v)) / 2 eps``
+    (two more passes, second-order accurate), for networks or attention kernels without forward-mode
+    support. Used for sCM's time derivative of the consistency function and MeanFlow's ``du/dt``.
+    """
+    check_option("tangent", mode, TANGENTS)
+    with torch.no_grad():
+        if mode == "jvp":
+            return torch.func.jvp(fn, primals, tangents)
+        out = fn(*primals)
+        hi = fn(*(p + eps * v for p, v in zip(primals, tangents, strict=True)))
+        lo = fn(*(p - eps * v for p, v in zip(primals, tangents, strict=True)))
+        return out, (hi - lo) / (2 * eps)

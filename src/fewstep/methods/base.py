@@ -109,6 +109,10 @@ class Method:
     # whether a run can start from another run's student (``--init``); methods that rebuild their
     # student round by round from the teacher, and ``denoise``, cannot
     chains: ClassVar[bool] = True
+    # whether the method is a second stage that only makes sense from another run (``--init``), e.g. TCM
+    needs_init: ClassVar[bool] = False
+    # whether a chain (``--init``) carries the earlier run's fake score over when shapes match
+    carries_fake_score: ClassVar[bool] = True
     Config: ClassVar[type] = object
     default_steps: ClassVar[tuple[int, ...]] = (1, 2, 4)
     # engine options of the method's reference (e.g. its evaluation EMA), used by new runs where the

@@ -200,10 +200,11 @@ class DMD2(Method):
             pred_fake = self.fake_score(x_t, sigma, cond)
         return dm_loss(x, dm_gradient(x, pred_real, pred_fake))
 
-    def logits(self, x: Tensor, cond: Any) -> Tensor:
-        """Classifier logits ("real") at a diffusion-GAN noise level (edm_guidance.py)."""
-        sigma = self.gan_sigma(x.shape[0], x.device).to(x)
-        x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+    def logits(self, x: Tensor, cond: Any, sigma: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """Classifier logits ("real") at a diffusion-GAN noise level (edm_guidance.py), or at the
+        given ``sigma`` and ``noise``."""
+        sigma = self.gan_sigma(x.shape[0], x.device).to(x) if sigma is None else sigma
+        x_t = x + append_dims(sigma, x.ndim) * (torch.randn_like(x) if noise is None else noise)
         (h,) = self.features(x_t, sigma, cond)
         return self.classifier(h)
 

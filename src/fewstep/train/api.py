@@ -102,6 +102,11 @@ def plan_run(
 
     cfg.student_net = parse_student_net(cfg.student_net)
     check_student_options(method_cls, cfg, student)
+    if method_cls.needs_init and not cfg.init and not resume:
+        raise FewstepError(
+            f"{method_cls.name} is a second training stage: give --init RUN, the run it continues "
+            "(e.g. an ect, cd or scd run of the same teacher)"
+        )
     if cfg.teacher and not resume:
         cfg.teacher = absolute_spec(cfg.teacher)
     if cfg.init and not resume:

@@ -172,7 +172,7 @@ def warm_start(
         )
     carried = ["student"]
     fake_a, fake_b = getattr(before, "fake_score", None), getattr(method, "fake_score", None)
-    if isinstance(fake_a, nn.Module) and isinstance(fake_b, nn.Module):
+    if cls.carries_fake_score and isinstance(fake_a, nn.Module) and isinstance(fake_b, nn.Module):
         shapes = {k: v.shape for k, v in fake_b.state_dict().items()}
         if {k: v.shape for k, v in fake_a.state_dict().items()} == shapes:
             fake_b.load_state_dict(fake_a.state_dict())
