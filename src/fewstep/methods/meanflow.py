@@ -186,7 +186,7 @@ class MeanFlow(Method):
         given = self.config.sample_times
         if given and len(given) == steps - 1:
             return [self.t_max, *map(float, given), 0.0]
-        return torch.linspace(self.t_max, 0.0, steps + 1).tolist()
+        return torch.linspace(self.t_max, 0.0, steps + 1, dtype=torch.float64).tolist()
 
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
