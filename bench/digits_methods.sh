@@ -24,6 +24,11 @@
 # output- and feature-level distillation; _nofeat: output only), *_q / *_h are quarter / half-size
 # students (cd and dmd2 start from the warm-up, kd trains from scratch), cd_lora* train LoRA adapters;
 # cd_q12: CD from a 12-minute output-only warm-up (is the warm-up what holds cd_q back?).
+# Issue 18 (15 minutes per stage): scd (tangent warm-up shortened to 500 iterations of ~3,800), ect
+# (8 stages of Δt over the run's ~6,000 iterations, as ECT's 8-stage schedule), tcm (stage 2 from ect,
+# continuing its Δt schedule), meanflow / imf, fdistill and sida with sid_ref's learning rates (the
+# GAN after 20 kimg, the reference's 200 kimg being most of this budget), sid2a = SiD²A (sida from
+# the sid_snap generator; run sid_snap first).
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
@@ -91,6 +96,14 @@ cd_lora4       cd             12 100000 64 ref   lora_rank=4
 cd_lora16      cd             12 100000 64 ref   lora_rank=16
 compress_q12   compress       12 100000 64 ref   student_net=quarter lambda_feat=0
 cd_q12         cd             12 100000 64 ref   init=compress_q12
+scd            scd            15 100000 64 ref   warmup=500
+ect            ect            15 100000 64 ref   stage_iters=750
+tcm            tcm            15 100000 64 ref   init=ect start_stage=8 stage_iters=750
+meanflow       meanflow       15 100000 64 ref
+imf            meanflow       15 100000 64 ref   objective=imf equal_share=0.5
+fdistill       fdistill       15 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100
+sida           sida           15 100000 32 ref   lr=1e-4 fake_lr=1e-4 gan_start_kimg=20
+sid2a          sida           15 100000 32 ref   init=sid_snap lr=1e-4 fake_lr=1e-4 gan_start_kimg=20
 "
 for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
