@@ -141,8 +141,8 @@ def test_sid2a_starts_the_generator_from_a_sid_run_and_psi_from_the_teacher(tmp_
     assert record["carried"] == ["student"] and m.config.alpha == 1.0
     noise, cond = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
     assert torch.allclose(m.sample(noise, 1, cond), sid.sample(noise, 1, cond), atol=1e-6)
-    assert any(not torch.equal(p, q) for p, q in zip(sid.fake_score.parameters(), teacher.parameters()))
-    assert all(torch.equal(p, q) for p, q in zip(m.fake_score.parameters(), teacher.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(sid.fake_score.parameters(), teacher.parameters(), strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(m.fake_score.parameters(), teacher.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("bad", [{"f": "tv"}, {"gan": False}])
