@@ -26,7 +26,8 @@
 # cd_q12: CD from a 12-minute output-only warm-up (is the warm-up what holds cd_q back?).
 # Issue 18 (15 minutes per stage): scd (tangent warm-up shortened to 500 iterations of ~3,800), ect
 # (8 stages of Δt over the run's ~6,000 iterations, as ECT's 8-stage schedule), tcm (stage 2 from ect,
-# continuing its Δt schedule), meanflow / imf, fdistill and sida with sid_ref's learning rates (the
+# continuing its Δt schedule), meanflow (the ImageNet time sampler) / meanflow_c and imf (FastGen's
+# CIFAR-10 sampler: r mostly near 0, so one-step jumps are trained), fdistill and sida with sid_ref's learning rates (the
 # GAN after 20 kimg, the reference's 200 kimg being most of this budget), sid2a = SiD²A (sida from
 # the sid_snap generator; run sid_snap first).
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
@@ -100,7 +101,8 @@ scd            scd            15 100000 64 ref   warmup=500
 ect            ect            15 100000 64 ref   stage_iters=750
 tcm            tcm            15 100000 64 ref   init=ect start_stage=8 stage_iters=750
 meanflow       meanflow       15 100000 64 ref
-imf            meanflow       15 100000 64 ref   objective=imf equal_share=0.5
+meanflow_c     meanflow       15 100000 64 ref   p_mean=-0.6 p_std=1.6 r_p_mean=-4.0
+imf            meanflow       15 100000 64 ref   objective=imf equal_share=0.5 p_mean=-0.6 p_std=1.6 r_p_mean=-4.0
 fdistill       fdistill       15 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100
 sida           sida           15 100000 32 ref   lr=1e-4 fake_lr=1e-4 gan_start_kimg=20
 sid2a          sida           15 100000 32 ref   init=sid_snap lr=1e-4 fake_lr=1e-4 gan_start_kimg=20

@@ -34,6 +34,12 @@ evaluation EMA); the JVP of the stop-gradient network under no-grad, then a seco
 gradient (FastGen). Sampling: one step from ``t_max``; two steps through ``t = 0.5`` (FastGen's
 ``t_list = [0.999, 0.5, 0]``), more on a uniform ``t`` grid, each ``z <- z - (t - t') u(z, t', t)``.
 
+FastGen's CIFAR-10 MeanFlow config (from scratch, "py-meanflow v1") draws ``t`` from logit-normal
+(-0.6, 1.6) and ``r`` separately from logit-normal (-4.0, 1.6) — mostly near 0, so the one-step
+jump ``h ~ t`` is trained often — with 75 % ``r = t``: ``r_p_mean = -4`` (with ``p_mean = -0.6,
+p_std = 1.6``) selects it. With the ImageNet sampler (the default) jumps longer than ~0.8 are
+rare, and a short distillation learns the 4-step map long before the 1-step one (the digits rows).
+
 Deviations: ``t`` is kept inside the teacher's noise range (``t_max = sigma_max / (1 + sigma_max)``
 = 0.988 for sigma_max 80, not 1 — the sample starts at ``sigma_max z`` as every fewstep sampler);
 the network outputs an x-prediction through EDM's preconditioning (the paper's network outputs
@@ -68,6 +74,8 @@ class MeanFlowConfig:
     objective: str = "meanflow"  # meanflow | imf
     p_mean: float = -0.4  # t, r ~ logit-normal(p_mean, p_std)
     p_std: float = 1.0
+    r_p_mean: float | None = None  # r from its own logit-normal (FastGen's CIFAR-10 config: -4.0, 1.6),
+    r_p_std: float = 1.6  # clipped to t, instead of sorting two draws of t's
     equal_share: float = 0.75  # share of the batch with r = t (iMF's reference: 0.5)
     norm_p: float = 1.0  # adaptive weight 1 / (loss + c)^p
     norm_c: float = 0.01
@@ -139,12 +147,15 @@ class MeanFlow(Method):
 
     # --- maths ---------------------------------------------------------------------------------
     def draw_times(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(r, t)``: two logit-normal draws sorted, ``r = t`` for ``equal_share`` of the batch."""
+        """``(r, t)``: two logit-normal draws sorted (or ``r`` from its own logit-normal, at most ``t``),
+        ``r = t`` for ``equal_share`` of the batch."""
         c = self.config
         a = sample_logit_normal(n, c.p_mean, c.p_std, device)
-        b = sample_logit_normal(n, c.p_mean, c.p_std, device)
-        t = torch.maximum(a, b).clamp(self.t_min, self.t_max)
-        r = torch.minimum(a, b).clamp(max=1.0)
+        if c.r_p_mean is None:
+            b = sample_logit_normal(n, c.p_mean, c.p_std, device)
+            t, r = torch.maximum(a, b).clamp(self.t_min, self.t_max), torch.minimum(a, b)
+        else:
+            t, r = a.clamp(self.t_min, self.t_max), sample_logit_normal(n, c.r_p_mean, c.r_p_std, device)
         equal = torch.rand(n, device=device) < c.equal_share
         return torch.where(equal, t, torch.minimum(r, t)), t
 
