@@ -24,7 +24,8 @@
 # output- and feature-level distillation; _nofeat: output only), *_q / *_h are quarter / half-size
 # students (cd and dmd2 start from the warm-up, kd trains from scratch), cd_lora* train LoRA adapters;
 # cd_q12: CD from a 12-minute output-only warm-up (is the warm-up what holds cd_q back?).
-# Issue 18 (15 minutes per stage): scd (tangent warm-up shortened to 500 iterations of ~3,800), ect
+# Issue 18 (15 minutes per stage): scd (tangent warm-up shortened to 500 iterations of ~3,800; scd_fd:
+# the finite-difference tangent), ect
 # (8 stages of Δt over the run's ~6,000 iterations, as ECT's 8-stage schedule), tcm (stage 2 from ect,
 # continuing its Δt schedule), meanflow (the ImageNet time sampler) / meanflow_c and imf (FastGen's
 # CIFAR-10 sampler: r mostly near 0, so one-step jumps are trained), fdistill and sida with sid_ref's learning rates (the
@@ -98,6 +99,7 @@ cd_lora16      cd             12 100000 64 ref   lora_rank=16
 compress_q12   compress       12 100000 64 ref   student_net=quarter lambda_feat=0
 cd_q12         cd             12 100000 64 ref   init=compress_q12
 scd            scd            15 100000 64 ref   warmup=500
+scd_fd         scd            15 100000 64 ref   warmup=500 tangent=fd
 ect            ect            15 100000 64 ref   stage_iters=750
 tcm            tcm            15 100000 64 ref   init=ect start_stage=8 stage_iters=750
 meanflow       meanflow       15 100000 64 ref
