@@ -172,6 +172,21 @@ def test_tcm_targets_come_from_the_frozen_stage_one_below_the_transition():
     assert log_t.min() >= 0 and log_t.max() <= math.log(80) and float((log_t < 0.2).float().mean()) > 0.3
 
 
+def test_tcm_stage_one_targets_share_the_online_dropout_mask():
+    teacher = tiny_teacher("unet")
+    TCM = get_method("tcm")
+    m = TCM(
+        teacher,
+        TCM.Config(dropout=0.5),
+        student=get_method("ect")(teacher, get_method("ect").Config(dropout=0.5)).student,
+    )
+    m.stage_one.eval()  # as the engine keeps EMA copies
+    x0, n = torch.randn(4, 1, 8, 8) * 0.5, torch.randn(4, 1, 8, 8)
+    t = torch.full((4,), 1.0)  # boundary samples: r < t', the target is stage 1's (equal to the student here)
+    d = m.pair_loss(x0, None, t, t * (1 - 1e-6), n) * (t * 1e-6)
+    assert d.max() < 1e-3 and not m.stage_one.training
+
+
 def test_tcm_boundary_share_and_weight():
     teacher = tiny_teacher("unet")
     TCM = get_method("tcm")
