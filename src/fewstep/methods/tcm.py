@@ -30,8 +30,9 @@ The stage-1 network runs in the student's mode and from the online pass's RNG st
 share the online pass's dropout mask (an eval-mode stage-1 target against a dropout student is
 dropout noise divided by a tiny Δt: the first digits run, 2.36 / 2.89 at 1 / 2 NFE from ect's
 1.25 / 1.15, had this defect). The frozen stage-1 copy is kept as an EMA of decay 1 (``emas()``),
-so checkpoints, ``--resume`` and ``load_run`` carry it without a new engine concept. Deviations: ECT's untruncated log-normal stage
-1 is whatever run ``--init`` names (``cd`` and ``scd`` students are consistency functions too).
+so checkpoints, ``--resume`` and ``load_run`` carry it without a new engine concept. Deviations:
+ECT's untruncated log-normal stage 1 is whatever run ``--init`` names (``cd`` and ``scd`` students
+are consistency functions too).
 """
 
 from __future__ import annotations
