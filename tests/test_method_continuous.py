@@ -226,6 +226,9 @@ def test_tcm_chains_from_an_ect_run_and_reloads_its_stage_one(tmp_path):
     torch.manual_seed(1)
     assert torch.allclose(a, m.sample(noise, 4, cond), atol=1e-5)  # 4 steps: levels below t' use stage 1
     assert json.loads((tmp_path / "tcm" / "config.json").read_text())["init"]["method"] == ect.name
+    from fewstep.eval.sampling import student_sampler
+
+    assert [student_sampler(after, k).nfe for k in (1, 2, 4)] == [1, 2, 4]  # stage-1 calls count too
 
 
 # --- MeanFlow ----------------------------------------------------------------------------------------

@@ -59,16 +59,25 @@ def teacher_sampler(model: Denoiser, solver: str, nfe: int, guidance: float = 1.
 
 def student_sampler(method: Any, steps: int, name: str | None = None) -> Sampler:
     """A distilled student through its method's ``sample(noise, steps, cond)``. The NFE is counted
-    (forward calls of ``method.student`` on one sample) rather than assumed to equal ``steps``."""
+    (forward calls of ``method.student`` on one sample, and of the method's EMA copies, which a
+    sampler may also run — TCM's frozen stage 1 below its truncation level) rather than assumed to
+    equal ``steps``."""
     student = getattr(method, "student", None)
     fn = lambda z, y: method.sample(z, steps, y)
     nfe = steps
     if isinstance(student, nn.Module):
         shape = tuple(getattr(method.teacher, "sample_shape", ()))
         classes = getattr(method.teacher, "num_classes", 0)
-        with torch.no_grad(), CallCounter(student) as counter:
-            fn(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long) if classes else None)
-        nfe = counter.calls or steps
+        emas = method.emas() if hasattr(method, "emas") else {}
+        nets = [student, *(m for m in (getattr(method, k, None) for k in emas) if isinstance(m, nn.Module))]
+        counters = [CallCounter(m) for m in nets]
+        try:
+            with torch.no_grad():
+                fn(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long) if classes else None)
+        finally:
+            for c in counters:
+                c.handle.remove()
+        nfe = sum(c.calls for c in counters) or steps
     return Sampler(name or getattr(method, "name", "student"), nfe, fn, "student")
 
 
