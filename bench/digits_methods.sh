@@ -30,7 +30,8 @@
 # continuing its Δt schedule), meanflow (the ImageNet time sampler) / meanflow_c and imf (FastGen's
 # CIFAR-10 sampler: r mostly near 0, so one-step jumps are trained), fdistill and sida with sid_ref's learning rates (the
 # GAN after 20 kimg, the reference's 200 kimg being most of this budget), sid2a = SiD²A (sida from
-# the sid_snap generator; run sid_snap first).
+# the sid_snap generator; run sid_snap first); fdistill_kl: the forward KL (f-distill's CIFAR-10 choice);
+# sida_g0: the GAN from the first iteration.
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
@@ -106,7 +107,9 @@ meanflow       meanflow       15 100000 64 ref
 meanflow_c     meanflow       15 100000 64 ref   p_mean=-0.6 p_std=1.6 r_p_mean=-4.0
 imf            meanflow       15 100000 64 ref   objective=imf equal_share=0.5 p_mean=-0.6 p_std=1.6 r_p_mean=-4.0
 fdistill       fdistill       15 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100
+fdistill_kl    fdistill       15 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100 f=kl
 sida           sida           15 100000 32 ref   lr=1e-4 fake_lr=1e-4 gan_start_kimg=20
+sida_g0        sida           15 100000 32 ref   lr=1e-4 fake_lr=1e-4 gan_start_kimg=0
 sid2a          sida           15 100000 32 ref   init=sid_snap lr=1e-4 fake_lr=1e-4 gan_start_kimg=20
 "
 for want in "$@"; do
