@@ -32,6 +32,9 @@
 # GAN after 20 kimg, the reference's 200 kimg being most of this budget), sid2a = SiD²A (sida from
 # the sid_snap generator; run sid_snap first); fdistill_kl: the forward KL (f-distill's CIFAR-10 choice);
 # sida_g0: the GAN from the first iteration.
+# Issue 17 (15 minutes per stage; pair generation counted once and named in docs/benchmarks.md): reflow = 1-RF
+# on the teacher's 10k Heun-18 pairs, reflow2 = 2-RF on the 1-RF's pairs, *_distill = the one-step
+# distillation on the previous flow's pairs.
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
@@ -111,6 +114,10 @@ fdistill_kl    fdistill       15 100000 32 ref   lr=1e-4 fake_lr=1e-4 warmup=100
 sida           sida           15 100000 32 ref   lr=1e-4 fake_lr=1e-4 gan_start_kimg=20
 sida_g0        sida           15 100000 32 ref   lr=1e-4 fake_lr=1e-4 gan_start_kimg=0
 sid2a          sida           15 100000 32 ref   init=sid_snap lr=1e-4 fake_lr=1e-4 gan_start_kimg=20
+reflow         reflow         15 100000 64 ref
+reflow_distill reflow         15 100000 64 ref   init=reflow phase=distill pairs_from=init
+reflow2        reflow         15 100000 64 ref   init=reflow pairs_from=init
+reflow2_distill reflow        15 100000 64 ref   init=reflow2 phase=distill pairs_from=init
 "
 for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
