@@ -34,7 +34,8 @@
 # sida_g0: the GAN from the first iteration.
 # Issue 17 (15 minutes per stage; pair generation counted once and named in docs/benchmarks.md): reflow = 1-RF
 # on the teacher's 10k Heun-18 pairs, reflow2 = 2-RF on the 1-RF's pairs, *_distill = the one-step
-# distillation on the previous flow's pairs.
+# distillation on the previous flow's pairs; perflow (4 windows, 8 teacher DDIM steps each), boot (data-free),
+# traflow (CTM + the straight-velocity loss on the teacher's 10k pairs).
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
@@ -118,6 +119,9 @@ reflow         reflow         15 100000 64 ref
 reflow_distill reflow         15 100000 64 ref   init=reflow phase=distill pairs_from=init
 reflow2        reflow         15 100000 64 ref   init=reflow pairs_from=init
 reflow2_distill reflow        15 100000 64 ref   init=reflow2 phase=distill pairs_from=init
+perflow        perflow        15 100000 64 ref
+boot           boot           15 100000 64 ref
+traflow        traflow        15 100000 64 ref
 "
 for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')

@@ -65,7 +65,7 @@ def test_nothing_imports_upward_and_eval_and_train_stay_apart():
 
 # a method the paper defines as another method with one change subclasses it (f-distill is DMD2
 # with a per-sample weight, SiDA is SiD with a GAN, TCM is ECT on a truncated range)
-VARIANTS = {("fdistill", "dmd2"), ("sida", "sid"), ("tcm", "ect")}
+VARIANTS = {("fdistill", "dmd2"), ("sida", "sid"), ("tcm", "ect"), ("traflow", "ctm")}
 
 
 def test_no_method_file_imports_another():

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.conversions import flow_t_to_sigma
+from fewstep.conversions import flow_t_to_sigma, flow_velocity, uniform_flow_sigmas
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.losses import REGRESSION
@@ -80,25 +80,12 @@ def line(y: Tensor, z: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
     return (1 - s / sigma_max) * y + s * z
 
 
-def flow_velocity(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
-    """The flow-matching velocity ``dx_t/dt = (x_t - x0) / t`` of a sigma-space point and its x0."""
-    t = append_dims(sigma / (1 + sigma), x.ndim)
-    return (x / (1 + append_dims(sigma, x.ndim)) - x0) / t
-
-
-def uniform_t_sigmas(steps: int, sigma_max: float, t_min: float = 0.0) -> Tensor:
-    """The sigma grid of ``steps`` Euler steps uniform in flow time from ``t_max`` to ``t_min`` (0)."""
-    t_max = sigma_max / (1 + sigma_max)
-    t = torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
-    return flow_t_to_sigma(t).float()
-
-
 @torch.no_grad()
 def straightness(denoiser: Denoiser, noise: Tensor, steps: int = 64, cond: Any = None) -> float:
     """Liu et al.'s straightness ``int E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt`` (pixel mean) of
     ``denoiser``'s ODE, Euler on ``steps`` uniform flow-time steps from ``sigma_max noise``; 0 for a
     flow whose trajectories are straight lines."""
-    sigmas = uniform_t_sigmas(steps, denoiser.sigma_max)
+    sigmas = uniform_flow_sigmas(steps, denoiser.sigma_max)
     x = noise * float(sigmas[0])
     t = sigmas / (1 + sigmas)
     start = x / (1 + sigmas[0])
@@ -202,7 +189,7 @@ class Reflow(Method):
     @torch.no_grad()
     def sample(self, noise: Tensor, steps: int = 1, cond: Any = None) -> Tensor:
         """Euler on ``steps`` uniform flow-time steps from ``sigma_max noise`` (one step: ``D(sigma_max z)``)."""
-        sigmas = uniform_t_sigmas(steps, self.teacher.sigma_max).to(noise.device)
+        sigmas = uniform_flow_sigmas(steps, self.teacher.sigma_max).to(noise.device)
         return euler(self.student, noise * float(sigmas[0]), sigmas, cond)
 
 
