@@ -9,6 +9,7 @@ zero-initialised output. The network is raw (``F`` in EDM's notation); precondit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -81,6 +82,10 @@ class ResBlock(nn.Module):
         return x
 
 
+def _keep(k: int, h: Tensor) -> Tensor:
+    return h
+
+
 class UNet(nn.Module):
     """``F(x, c_noise, labels, extra) -> output`` of the same shape as ``x``."""
 
@@ -115,21 +120,34 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None, extra: Tensor | None = None,
+        after_block: Callable[[int, Tensor], Tensor] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """``after_block(k, h)``, if given, rewrites the output of the ``k``-th residual block (down,
+        middle, up order; :meth:`block_channels` lists their widths) — DSNO's temporal layers."""
         emb = self.embed(c_noise, labels, extra)
+        mix = after_block if after_block is not None else _keep
         h = self.conv_in(x)
-        hs = [h]
+        hs, k = [h], 0
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h, k = mix(k, layer(h, emb)), k + 1
+            else:
+                h = layer(h)
             hs.append(h)
         for layer in self.mid:
-            h = layer(h, emb)
+            h, k = mix(k, layer(h, emb)), k + 1
         for layer in self.up:
             if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, hs.pop()], 1), emb)
+                h, k = mix(k, layer(torch.cat([h, hs.pop()], 1), emb)), k + 1
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def block_channels(self) -> list[int]:
+        """Output channels of the residual blocks in the order ``after_block`` sees them."""
+        return [b.conv1.out_channels for b in [*self.down, *self.mid, *self.up] if isinstance(b, ResBlock)]
 
     def bottleneck(
         self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None, extra: Tensor | None = None
