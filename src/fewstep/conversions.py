@@ -102,8 +102,9 @@ def sigma_to_flow_x(x: Tensor, sigma: Tensor) -> Tensor:
     return x / append_dims(1 + sigma, x.ndim)
 
 
-def flow_velocity(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
-    """The flow-matching velocity ``dx_t/dt = (x_t - x0) / t`` of a sigma-space point and its x0."""
+def flow_time_velocity(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    """The flow-matching velocity ``dx_t/dt = (x_t - x0) / t`` of a sigma-space point ``x`` (``x_t = x / (1 + sigma)``)
+    and its x-prediction (:func:`fewstep.methods.meanflow.flow_velocity` takes a denoiser and flow-space ``z``)."""
     t = append_dims(sigma / (1 + sigma), x.ndim)
     return (x / (1 + append_dims(sigma, x.ndim)) - x0) / t
 
@@ -112,7 +113,7 @@ def uniform_flow_sigmas(steps: int, sigma_max: float, t_min: float = 0.0) -> Ten
     """The sigma grid of ``steps`` Euler steps uniform in flow time from ``t_max`` to ``t_min`` (0)."""
     t_max = sigma_max / (1 + sigma_max)
     t = torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
-    return flow_t_to_sigma(t).float()
+    return flow_t_to_sigma(t)
 
 
 # --- TrigFlow (sCM) ------------------------------------------------------------------------------

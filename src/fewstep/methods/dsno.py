@@ -101,8 +101,8 @@ class TrajectoryOperator(nn.Module):
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
         chans = net.block_channels()
         n_down = sum(1 for b in net.down if not isinstance(b, nn.AvgPool2d))
-        self.skip = n_down + 1  # the second middle block has none (reference)
-        self.time_convs = nn.ModuleList(TimeConv(ch, modes) for ch in chans)
+        skip = n_down + 1  # the second middle block has none (reference)
+        self.time_convs = nn.ModuleDict({str(k): TimeConv(ch, modes) for k, ch in enumerate(chans) if k != skip})
         for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
             setattr(self, k, getattr(flow_map, k))
 
@@ -116,7 +116,8 @@ class TrajectoryOperator(nn.Module):
         s_emb = s.clamp_min(self.sigma_min).log() / 4
 
         def mix(k: int, h: Tensor) -> Tensor:
-            return h if k == self.skip else self.time_convs[k](h, m)
+            conv = self.time_convs[str(k)] if str(k) in self.time_convs else None
+            return h if conv is None else conv(h, m)
 
         sigma = as_sigma(t, x)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, den.sigma_data)
@@ -181,6 +182,12 @@ class DSNO(Method):
         lv = self.student.levels
         return torch.where(lv > 0, 1 / lv.clamp_min(1e-12), torch.full_like(lv, 1e4)).clamp(1.0, 1e4)
 
+    def grid_with_levels(self) -> list[float]:
+        """The teacher's Karras grid of ``solver_steps`` Heun steps with the levels inserted, descending."""
+        t, levels = self.teacher, [float(v) for v in self.student.levels]
+        grid = karras_sigmas(self.config.solver_steps, t.sigma_min, t.sigma_max).tolist()
+        return sorted({*grid, *levels}, reverse=True)
+
     @torch.no_grad()
     def teacher_trajectory(self, z: Tensor, cond: Any = None) -> Tensor:
         """The teacher's Heun ODE from ``sigma_max z`` read at the levels: ``(B, M, *shape)``."""
@@ -188,7 +195,7 @@ class DSNO(Method):
 
         t, c = self.teacher, self.config
         levels = [float(v) for v in self.student.levels]
-        grid = sorted({*karras_sigmas(c.solver_steps, t.sigma_min, t.sigma_max).tolist(), *levels}, reverse=True)
+        grid = self.grid_with_levels()
         den = cfg(t, c.guidance) if c.guidance != 1.0 else t
         states, x = {}, z * t.sigma_max
 

@@ -13,7 +13,7 @@ belong to the window they start). A K-window PeRFlow samples in K Euler steps, o
 (``steps`` a multiple of K spreads them evenly, as ``PeRFlowScheduler.set_timesteps``); Euler in
 flow time is Euler/DDIM in sigma, so the sampler is :func:`fewstep.solvers.euler` on the windows'
 uniform flow-time grid. The student is a teacher copy read as a velocity through its x-prediction,
-``v = (z_t - D(z_t / (1 - t), sigma_t)) / t`` (:func:`fewstep.conversions.flow_velocity`), so the loss
+``v = (z_t - D(z_t / (1 - t), sigma_t)) / t`` (:func:`fewstep.conversions.flow_time_velocity`), so the loss
 is ``|| D_theta - D* ||^2 / t^2`` with ``D* = z_t - t v*``. LoRA students (``--lora-rank``) are the
 paper's plug-and-play accelerator.
 

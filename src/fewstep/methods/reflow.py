@@ -16,7 +16,7 @@ sigma_t)) / t``, the loss is a regression of the denoiser onto the pair's end, w
 
 — the straight line from the pair's start ``sigma_max z`` (every fewstep ODE starts there; it is
 ``t_max = sigma_max / (1 + sigma_max)`` in flow time, not 1) to ``y``, on which the velocity is the
-constant ``z - y / t_max``: :func:`line` and :func:`flow_velocity` (tested). A flow trained on its
+constant ``z - y / t_max``: :func:`line` and :func:`flow_time_velocity` (tested). A flow trained on its
 own straight lines is *k-rectified* (``pairs_from=init`` starts round k + 1 from run k); Euler on a
 uniform ``t`` grid samples it (Euler in ``t`` is Euler/DDIM in ``sigma``). ``phase=distill`` is the
 paper's distillation (Sec. 2.3): only ``t = 1`` is trained, ``|| (X_1 - X_0) - v(X_1, 1) ||^2``, i.e.
@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.conversions import flow_t_to_sigma, flow_velocity, uniform_flow_sigmas
+from fewstep.conversions import flow_t_to_sigma, flow_time_velocity, uniform_flow_sigmas
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
 from fewstep.losses import REGRESSION
@@ -93,7 +93,7 @@ def straightness(denoiser: Denoiser, noise: Tensor, steps: int = 64, cond: Any =
     for i in range(steps):
         s = torch.full((x.shape[0],), float(sigmas[i]), device=x.device, dtype=x.dtype)
         x0 = denoiser(x, s, cond)
-        vs.append(flow_velocity(x, x0, s))
+        vs.append(flow_time_velocity(x, x0, s))
         x = x0 + (float(sigmas[i + 1]) / float(sigmas[i])) * (x - x0)  # Euler in t = DDIM in sigma
     chord = (start - x) / float(t[0] - t[-1])  # (Z_1 - Z_0) / (t_max - 0)
     return float(sum((v - chord).pow(2).flatten(1).mean(1).mean() for v in vs) / steps)
