@@ -35,7 +35,8 @@
 # Issue 17 (15 minutes per stage; pair generation counted once and named in docs/benchmarks.md): reflow = 1-RF
 # on the teacher's 10k Heun-18 pairs, reflow2 = 2-RF on the 1-RF's pairs, *_distill = the one-step
 # distillation on the previous flow's pairs; perflow (4 windows, 8 teacher DDIM steps each), boot (data-free),
-# traflow (CTM + the straight-velocity loss on the teacher's 10k pairs).
+# traflow (CTM + the straight-velocity loss on the teacher's 10k pairs), dsno (10k teacher trajectories; batch
+# 32 x 4 levels; the reference's 10k-iteration warm-up shortened to 500 of this budget's ~3,000).
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
 # training-free baselines; the leaderboard takes its baselines from its first run).
 set -euo pipefail
@@ -122,6 +123,7 @@ reflow2_distill reflow        15 100000 64 ref   init=reflow2 phase=distill pair
 perflow        perflow        15 100000 64 ref
 boot           boot           15 100000 64 ref
 traflow        traflow        15 100000 64 ref
+dsno           dsno           15 100000 32 ref   warmup=500
 "
 for want in "$@"; do
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
