@@ -142,14 +142,15 @@ def test_unet2d_lora_exports_merged(tmp_path):
 
 
 @pytest.mark.slow
-def test_engine_trains_only_the_adapters(tmp_path):
+@pytest.mark.parametrize("name", ["cd", "perflow"])  # perflow: the paper's plug-and-play LoRA accelerator
+def test_engine_trains_only_the_adapters(tmp_path, name):
     from fewstep.train import distill, load_run
 
     diffusers.DDPMPipeline(unet=unet2d(num_class_embeds=11), scheduler=diffusers.DDPMScheduler()).save_pretrained(
         tmp_path / "teacher"
     )
     before = DiffusersDenoiser(unet2d(num_class_embeds=11), diffusers.DDPMScheduler()).model.state_dict()
-    method = distill(f"lora:4:{tmp_path / 'teacher'}", "cd", max_steps=2, out=tmp_path / "run", data="digits",
+    method = distill(f"lora:4:{tmp_path / 'teacher'}", name, max_steps=2, out=tmp_path / "run", data="digits",
                      batch=8, sample_n=0, options={"lr": 1e-2})  # fmt: skip
     assert isinstance(method.student, LoRAStudent)
     assert all("lora_" in k for k in method.student.state_dict())
