@@ -3,13 +3,13 @@
 
 Along the teacher's ODE from ``x_T = sigma_max eps``, the *signal* ``y_sigma = x_sigma - sigma eps``
 (the paper's ``(x_t - sigma_t eps) / alpha_t`` in VP form) moves from the teacher's first
-prediction to the sample. A DDIM step of the teacher in ``x`` is, in ``y`` (the signal-ODE, Eq. 7):
+prediction to the sample. A DDIM step of the teacher in ``x`` is, in ``y`` (the discretised signal-ODE):
 
     y_s = y_t + delta (f(y_t + t eps, t) - y_t),   delta = 1 - s / t
 
 (:func:`signal_step`; tested against the teacher's own DDIM step). The student ``g_theta(eps, s)``
 reads only the noise and a time and predicts ``y_s``; it is trained without data by bootstrapping
-from its own prediction one step closer to the noise (Eq. 9) plus the boundary condition at the
+from its own prediction one step closer to the noise plus the boundary condition at the
 noise end:
 
     L = E_{eps, t} 1/delta^2 || g_theta(eps, s) - sg[ y~_s ] ||^2 + lambda_BC || g_theta(eps, T) - f(x_T, T) ||^2,

@@ -5,7 +5,7 @@ One forward pass maps the starting noise to the teacher's whole ODE trajectory a
 ``sigma_1 > ... > sigma_M = 0``; the last is the sample. The network is the teacher's UNet run on
 the ``M`` levels side by side (a batch of ``B M``), each with its own time embedding, and
 *temporal convolution* layers after the residual blocks mix the ``M`` copies along time: a Fourier
-layer over the time axis (the paper's Eq. 8),
+layer over the time axis (the reference's ``SpectralConv1d`` + ``TimeConv``),
 
     h <- h + LeakyReLU( iFFT_M( W_k FFT_M(h)_k  for the lowest ``modes`` frequencies k ) ),
 

@@ -4,7 +4,7 @@ The flow's time range is cut into ``K`` windows ``(t_e, t_s]`` (flow time ``t = 
 :mod:`fewstep.conversions`; 1 is noise). Each window is straightened on its own: its start point
 ``z_s`` is real data noised to ``t_s`` (the teacher's marginal there, so no long ODE solve), its end
 ``z_e`` is the frozen teacher's ODE from ``z_s`` to ``t_e`` in ``solving_steps`` DDIM steps, and the
-student learns the straight line between them (the paper's Eq. 5-6):
+student learns the straight line between them:
 
     z_t = z_s + (t - t_s) / (t_e - t_s) (z_e - z_s),    L = E || v_theta(z_t, t) - (z_e - z_s) / (t_e - t_s) ||^2
 

@@ -3,7 +3,7 @@ fast", arXiv 2209.03003), and InstaFlow's recipe for guided teachers (Liu et al.
 2309.06380) as the ``instaflow`` preset.
 
 Reflow couples noise ``z`` with the answer ``y`` of an ODE started from it (the pairs ``fewstep
-pairs`` makes) and trains a new flow on the straight lines between them (Eq. 1):
+pairs`` makes) and trains a new flow on the straight lines between them:
 
     min_v  int_0^1 E || (X_1 - X_0) - v(X_t, t) ||^2 dt,   X_t = t X_1 + (1 - t) X_0
 
@@ -26,13 +26,16 @@ of a sampler's trajectory (0 for a straight flow), reported per round by ``bench
 
 Defaults checked against the reference code (gnobitab/RectifiedFlow, ``losses.py``
 ``get_rectified_flow_loss_fn``/``sde_lib.RectifiedFlow``; InstaFlow ``code/train_rf.py``):
-``t ~ U(eps, 1)`` with ``eps = 1e-3``; the loss is the pixel-summed squared velocity error
-(averaged here: only the scale Adam sees changes); Adam lr 2e-4 (the CIFAR-10 config) with
-gradient clipping at 1 and an EMA of 0.999999 for evaluation (the engine's ramped evaluation EMA
-here); reflow pairs from the previous flow's ODE (RK45 in the reference; Heun 18 on the Karras
-grid here, 35 NFE); the k-RF starts from the (k-1)-RF's weights; distillation regresses the
-one-step output with L2 on CIFAR-10 (LPIPS in InstaFlow: no LPIPS network is available offline, so
-``instaflow`` keeps L2 — a named deviation); sampling with Euler on a uniform grid.
+``t ~ U(eps, 1)`` with ``eps = 1e-3`` (the reference's ``t = 0`` is the noise; here ``eps`` keeps
+``t`` off the data end, where ``v = (x_t - D) / t``); the loss is the mean squared velocity error
+with no time weighting (``reduce_mean``); Adam lr 2e-4, betas (0.9, 0.999) (the CIFAR-10 config)
+with gradient clipping at 1 and an EMA for evaluation (0.999999 for the 1-RF, 0.9999 for reflow
+and distillation; the engine's ramped evaluation EMA here); reflow pairs from the previous flow's
+EMA weights and its ODE (RK45 in the reference; Heun 18 on the Karras grid here, 35 NFE), 10,000
+pairs (the config's ``total_number_of_samples``; its README suggests 1M); the k-RF starts from the
+(k-1)-RF; the distillation (``reflow_t_schedule = 't0'``) trains the one step from the noise only,
+with LPIPS in the reference's one-step config and L2 as its option — L2 here, as no LPIPS network
+can be downloaded (InstaFlow: L2 first, then LPIPS); sampling with Euler on a uniform grid.
 
 InstaFlow (``instaflow``; its repository holds inference code only, so its training settings come
 from the model cards and the authors' answers in its issues): the same two stages on a guided
@@ -40,7 +43,10 @@ teacher — the 2-RF starts from the teacher and trains on the teacher's pairs w
 guidance 6, then the one-step model starts from the 2-RF and regresses the 2-RF's pairs made with
 guidance 1.5 (``guidance`` overrides both; InstaFlow: L2, then LPIPS).
 
-Deviations: ``t`` lies in ``[eps, t_max]`` (sigma-space teachers have no ``t = 1``); the line starts
+Deviations: ``t`` lies in ``[eps, t_max]`` (sigma-space teachers have no ``t = 1``); a chained
+round starts from the previous run's evaluation-EMA weights (the reference loads the raw weights
+and starts a new EMA); the reference's 5,000-iteration lr warm-up is not applied (each round
+fine-tunes a trained flow, and this budget is ~6,000 iterations); the line starts
 at ``sigma_max z`` as the pairs did; the network is an x-predicting denoiser through EDM's
 preconditioning (the reference predicts ``v``) so the student starts at the teacher; 10,000 pairs
 by default (the reference generates millions).
