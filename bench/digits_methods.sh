@@ -35,6 +35,7 @@
 # Issue 17 (15 minutes per stage; pair generation counted once and named in docs/benchmarks.md): reflow = 1-RF
 # on the teacher's 10k Heun-18 pairs, reflow2 = 2-RF on the 1-RF's pairs, *_distill = the one-step
 # distillation on the previous flow's pairs; perflow (4 windows, 8 teacher DDIM steps each), boot (data-free),
+# perflow_lr: lr 2e-4 (reflow's) and a 100-iteration warm-up instead of SD's 8e-5 / 500 (batch 64, not 1024);
 # traflow (CTM + the straight-velocity loss on the teacher's 10k pairs), dsno (10k teacher trajectories; batch
 # 32 x 4 levels; the reference's 10k-iteration warm-up shortened to 500 of this budget's ~3,000).
 # EVAL_ARGS is passed to `fewstep eval` (e.g. EVAL_ARGS="--baselines euler" to skip the other
@@ -121,6 +122,7 @@ reflow_distill reflow         15 100000 64 ref   init=reflow phase=distill pairs
 reflow2        reflow         15 100000 64 ref   init=reflow pairs_from=init
 reflow2_distill reflow        15 100000 64 ref   init=reflow2 phase=distill pairs_from=init
 perflow        perflow        15 100000 64 ref
+perflow_lr     perflow        15 100000 64 ref   lr=2e-4 warmup=100
 boot           boot           15 100000 64 ref
 traflow        traflow        15 100000 64 ref
 dsno           dsno           15 100000 32 ref   warmup=500
