@@ -203,6 +203,23 @@ def test_boots_losses_vanish_on_the_teachers_own_signal_trajectory(monkeypatch):
     assert torch.allclose(table[0.0], euler(teacher, SMAX * eps + table[SMAX], grid), atol=1e-10)
 
 
+def test_boots_heun_target_is_the_teachers_heun_step_read_as_a_signal():
+    teacher = gaussian()
+    m = BOOT(teacher, BOOT.Config(solver="heun"), student=nn.Identity())
+    torch.manual_seed(0)
+    eps = torch.randn(4, 3, dtype=torch.float64)
+    grid = m.grid.to(torch.float64)
+    y = {float(v): MU + 0.1 * torch.randn(4, 3, dtype=torch.float64) for v in grid.tolist()}
+    m.signal = lambda e, s, cond=None: torch.stack([y[v][j] for j, v in enumerate(s.tolist())])
+    i = torch.tensor([0, 3, 9, 17])
+    t, s = grid[i], grid[i + 1]
+    x_t = m.signal(eps, t) + t[:, None] * eps
+    want = torch.stack([heun(teacher, x_t[j : j + 1], torch.stack([t[j], s[j]])) for j in range(4)])[:, 0]
+    bs, _ = m.loss_on(eps, None, i)
+    target = want - s[:, None] * eps  # the Heun step's x_s, read as a signal
+    assert torch.allclose(bs, (m.signal(eps, s) - target).pow(2).mean(1) / (1 - s / t) ** 2, atol=1e-12)
+
+
 def test_boot_starts_at_the_boundary_value_and_freezes_the_teacher():
     teacher = tiny_teacher("unet", num_classes=2)
     m = BOOT(teacher)
