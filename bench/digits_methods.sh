@@ -127,6 +127,7 @@ perflow_lr     perflow        15 100000 64 ref   lr=2e-4 warmup=100
 boot           boot           15 100000 64 ref
 boot_heun      boot           15 100000 64 ref   solver=heun
 traflow        traflow        15 100000 64 ref
+traflow_snap   traflow        15 100000 64 ref   snapshot_minutes=3,6,9,12
 dsno           dsno           15 100000 32 ref   warmup=500
 "
 for want in "$@"; do
