@@ -36,6 +36,7 @@
 # on the teacher's 10k Heun-18 pairs, reflow2 = 2-RF on the 1-RF's pairs, *_distill = the one-step
 # distillation on the previous flow's pairs; perflow (4 windows, 8 teacher DDIM steps each), boot (data-free),
 # perflow_lr: lr 2e-4 (reflow's) and a 100-iteration warm-up instead of SD's 8e-5 / 500 (batch 64, not 1024);
+# perflow and perflow_lr ran with the teacher copy's dropout 0.1, perflow_d0 with today's default 0 (SD's UNet);
 # boot_heun: Heun teacher steps in the target (DDIM's 18-point trajectory bounds boot);
 # traflow (CTM + the straight-velocity loss on the teacher's 10k pairs), dsno (10k teacher trajectories; batch
 # 32 x 4 levels; the reference's 10k-iteration warm-up shortened to 500 of this budget's ~3,000).
@@ -122,8 +123,9 @@ reflow         reflow         15 100000 64 ref
 reflow_distill reflow         15 100000 64 ref   init=reflow phase=distill pairs_from=init
 reflow2        reflow         15 100000 64 ref   init=reflow pairs_from=init
 reflow2_distill reflow        15 100000 64 ref   init=reflow2 phase=distill pairs_from=init
-perflow        perflow        15 100000 64 ref
-perflow_lr     perflow        15 100000 64 ref   lr=2e-4 warmup=100
+perflow        perflow        15 100000 64 ref   dropout=0.1
+perflow_lr     perflow        15 100000 64 ref   lr=2e-4 warmup=100 dropout=0.1
+perflow_d0     perflow        15 100000 64 ref
 boot           boot           15 100000 64 ref
 boot_heun      boot           15 100000 64 ref   solver=heun
 traflow        traflow        15 100000 64 ref

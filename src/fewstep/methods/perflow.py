@@ -24,7 +24,8 @@ from real data with the forward noise (``add_noise`` at the window's start); win
 steps of the frozen teacher uniform in time inside the window (``--solving_steps 8``); the teacher
 without guidance on the student's own (dropped-out) condition (``--cfg_sync``: ``guidance = 1``);
 the loss an unweighted mean squared error; AdamW lr 8e-5, betas (0.9, 0.999), weight decay 1e-2,
-gradient clipping 1, 500 warm-up iterations; inference one Euler step per window.
+gradient clipping 1, 500 warm-up iterations; the student without dropout (SD 1.5's UNet config has
+dropout 0, whatever the teacher copy here has); inference one Euler step per window.
 
 Deviations: the reference's released SD 1.5 model regresses ``diff_eps`` (an epsilon-like
 reparameterisation of the same window velocity, a per-window rescaling of the loss); its
@@ -65,7 +66,7 @@ class PeRFlowConfig:
     weight_decay: float = 1e-2
     warmup: int = 500  # linear lr warm-up (lr_warmup_steps)
     grad_clip: float | None = 1.0
-    dropout: float | None = None  # dropout of the trained copy; None keeps the teacher's
+    dropout: float | None = 0.0  # the trained copy's dropout (SD 1.5's UNet has none); None keeps the teacher's
 
 
 @register
