@@ -113,8 +113,7 @@ class BOOT(Method):
         return self.student.g(smax * eps, top, s, cond)
 
     def teacher_f(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
-        g = self.config.guidance
-        return (cfg(self.teacher, g) if g != 1.0 else self.teacher)(x, sigma, cond)
+        return cfg(self.teacher, self.config.guidance)(x, sigma, cond)  # the teacher itself at scale 1
 
     def loss_on(self, eps: Tensor, cond: Any, i: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample bootstrapping and boundary losses for grid intervals ``i`` (``t = grid[i]``,

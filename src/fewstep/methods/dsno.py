@@ -196,7 +196,7 @@ class DSNO(Method):
         t, c = self.teacher, self.config
         levels = [float(v) for v in self.student.levels]
         grid = self.grid_with_levels()
-        den = cfg(t, c.guidance) if c.guidance != 1.0 else t
+        den = cfg(t, c.guidance)  # the teacher itself at scale 1
         states, x = {}, z * t.sigma_max
 
         def keep(i: int, x_next: Tensor, x0: Tensor, s: float) -> None:

@@ -113,7 +113,7 @@ class PeRFlow(Method):
         """The teacher's DDIM solve from flow point ``z_s`` at ``t_s`` to ``t_e`` (per sample), in
         ``solving_steps`` steps uniform in flow time; returns the flow point at ``t_e``."""
         c = self.config
-        den = cfg(self.teacher, c.guidance) if c.guidance != 1.0 else self.teacher
+        den = cfg(self.teacher, c.guidance)  # the teacher itself at scale 1
         sig = flow_t_to_sigma(t_s)
         x = z_s * append_dims(1 + sig, z_s.ndim)
         for j in range(c.solving_steps):
