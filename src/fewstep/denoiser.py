@@ -90,16 +90,17 @@ class EDMDenoiser(Denoiser):
         self.num_classes = num_classes
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
 
-    def raw(self, x: Tensor, sigma: Tensor, cond: Any = None, extra: Tensor | None = None) -> Tensor:
-        """The network output ``F`` before the skip connection (used by consistency students)."""
+    def raw(self, x: Tensor, sigma: Tensor, cond: Any = None, extra: Tensor | None = None, **net_kw: Any) -> Tensor:
+        """The network output ``F`` before the skip connection (used by consistency students);
+        ``net_kw`` goes to the network (a UNet's ``after_block``, DSNO's temporal layers)."""
         sigma = as_sigma(sigma, x)
         _, _, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
-        return self.net(append_dims(c_in, x.ndim) * x, c_noise, cond, extra)
+        return self.net(append_dims(c_in, x.ndim) * x, c_noise, cond, extra, **net_kw)
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, extra: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, extra: Tensor | None = None, **net_kw: Any) -> Tensor:
         sigma = as_sigma(sigma, x)
         c_skip, c_out, _, _ = edm_scalings(sigma, self.sigma_data)
-        F_x = self.raw(x, sigma, cond, extra)
+        F_x = self.raw(x, sigma, cond, extra, **net_kw)
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * F_x
 
 

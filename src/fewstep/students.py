@@ -114,15 +114,16 @@ class FlowMapStudent(nn.Module):
         for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
             setattr(self, k, getattr(net, k))
 
-    def g(self, x: Tensor, t: Tensor, s: Tensor, cond: Any = None) -> Tensor:
+    def g(self, x: Tensor, t: Tensor, s: Tensor, cond: Any = None, **net_kw: Any) -> Tensor:
         t, s = as_sigma(t, x), as_sigma(s, x)
         s_emb = s.clamp_min(self.sigma_min).log() / 4
-        return self.net(x, t, cond, extra=s_emb[:, None])
+        return self.net(x, t, cond, extra=s_emb[:, None], **net_kw)
 
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Any = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Any = None, **net_kw: Any) -> Tensor:
+        """``net_kw`` goes to the network (a UNet's ``after_block``)."""
         t, s = as_sigma(t, x), as_sigma(s, x)
         ratio = append_dims(s / t, x.ndim)
-        return ratio * x + (1 - ratio) * self.g(x, t, s, cond)
+        return ratio * x + (1 - ratio) * self.g(x, t, s, cond, **net_kw)
 
 
 class OneStepGenerator(nn.Module):

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims, as_sigma, edm_scalings
+from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.io import load_tensors, save_tensors
 from fewstep.methods import register
@@ -108,24 +108,16 @@ class TrajectoryOperator(nn.Module):
 
     def forward(self, z: Tensor, cond: Any = None) -> Tensor:
         b, m = z.shape[0], len(self.levels)
-        den: EDMDenoiser = self.flow_map.net
         x = (self.sigma_max * z).repeat_interleave(m, 0)  # (B M, ...): sample-major
         t = torch.full((b * m,), self.sigma_max, device=z.device, dtype=z.dtype)
         s = self.levels.to(z).repeat(b)
         cond = cond.repeat_interleave(m, 0) if isinstance(cond, Tensor) else cond
-        s_emb = s.clamp_min(self.sigma_min).log() / 4
 
         def mix(k: int, h: Tensor) -> Tensor:
             conv = self.time_convs[str(k)] if str(k) in self.time_convs else None
             return h if conv is None else conv(h, m)
 
-        sigma = as_sigma(t, x)
-        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, den.sigma_data)
-        F_x = den.net(append_dims(c_in, x.ndim) * x, c_noise, cond, s_emb[:, None], after_block=mix)
-        g = append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * F_x  # g(x_T, T, s)
-        ratio = append_dims(s / t, x.ndim)
-        states = ratio * x + (1 - ratio) * g  # G(x_T, T, s)
-        return states.reshape(b, m, *z.shape[1:])
+        return self.flow_map(x, t, s, cond, after_block=mix).reshape(b, m, *z.shape[1:])  # G(x_T, T, s_i)
 
 
 def vp_cosine_levels(times: tuple[float, ...]) -> tuple[float, ...]:
