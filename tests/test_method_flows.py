@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from dm_helpers import tiny_images, tiny_teacher
-from fewstep.conversions import flow_time_velocity, uniform_flow_sigmas
+from fewstep.conversions import flow_time_velocity, pair_line, uniform_flow_sigmas
 from fewstep.denoiser import CallCounter, EDMDenoiser
 from fewstep.errors import FewstepError
 from fewstep.methods import Batch, get_method
 from fewstep.methods.boot import signal_step
 from fewstep.methods.dsno import TimeConv
-from fewstep.methods.reflow import line, straightness
+from fewstep.methods.reflow import straightness
 from fewstep.solvers import ddim_step, euler, heun
 from fewstep.teachers.analytic import GaussianMixture
 
@@ -59,11 +59,11 @@ def test_the_reflow_target_on_a_pair_is_the_pairs_straight_line_velocity():
     torch.manual_seed(0)
     z, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     t_max = SMAX / (1 + SMAX)
-    assert torch.equal(line(y, z, torch.full((5,), SMAX, dtype=torch.float64), SMAX), SMAX * z)
-    assert torch.equal(line(y, z, torch.zeros(5, dtype=torch.float64), SMAX), y)
+    assert torch.equal(pair_line(y, z, torch.full((5,), SMAX, dtype=torch.float64), SMAX), SMAX * z)
+    assert torch.equal(pair_line(y, z, torch.zeros(5, dtype=torch.float64), SMAX), y)
     for sigma in (0.01, 0.5, 3.0, 40.0):
         s = torch.full((5,), sigma, dtype=torch.float64)
-        v = flow_time_velocity(line(y, z, s, SMAX), y, s)  # the velocity a denoiser answering y implies
+        v = flow_time_velocity(pair_line(y, z, s, SMAX), y, s)  # the velocity a denoiser answering y implies
         assert torch.allclose(v, z - y / t_max, atol=1e-12)
 
 

@@ -109,6 +109,13 @@ def flow_time_velocity(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
     return (x / (1 + append_dims(sigma, x.ndim)) - x0) / t
 
 
+def pair_line(y: Tensor, z: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
+    """The straight line of a (noise ``z``, ODE answer ``y``) pair in sigma-space,
+    ``(1 - sigma/sigma_max) y + sigma z``: ``sigma_max z`` at the top, ``y`` at 0 (reflow, TraFlow)."""
+    s = append_dims(sigma, y.ndim)
+    return (1 - s / sigma_max) * y + s * z
+
+
 def uniform_flow_sigmas(steps: int, sigma_max: float, t_min: float = 0.0) -> Tensor:
     """The sigma grid of ``steps`` Euler steps uniform in flow time from ``t_max`` to ``t_min`` (0)."""
     t_max = sigma_max / (1 + sigma_max)

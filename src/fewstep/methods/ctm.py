@@ -247,6 +247,27 @@ class ConsistencyTrajectoryModel(Method):
         (g_other,) = torch.autograd.grad(other, last, retain_graph=True)
         return (g_ctm.norm() / (g_other.norm() + 1e-4)).clamp(lo, hi).detach()
 
+    def student_loss(self, x0: Tensor, cond: Any, gan_on: bool) -> tuple[Tensor, Tensor]:
+        """The student's total loss and its ``L_CTM`` term (the reference of the adaptive weights)."""
+        c = self.config
+        n = self.draw_heun_steps()
+        i_t, _, i_s = self.draw_indices(x0.shape[0], n)
+        loss_ctm = self.ctm_loss(x0, cond, i_t, n, i_s, torch.randn_like(x0)).mean()
+        loss = loss_ctm
+        if c.dsm_weight > 0:
+            sigma = self.dsm_sigma(x0.shape[0], x0.device)
+            loss_dsm = self.dsm_loss(x0, cond, sigma.to(x0.dtype), torch.randn_like(x0)).mean()
+            if c.dsm_adaptive:
+                loss_dsm = self._adaptive_weight(loss_ctm, loss_dsm, 0.0, 1e4) * loss_dsm
+            loss = loss + c.dsm_weight * loss_dsm
+        if gan_on:
+            from fewstep.networks.discriminator import g_loss, no_param_grad
+
+            with no_param_grad(self.discriminator):
+                loss_gan = g_loss(self._disc(self.gan_fake(x0, cond), cond), "hinge")
+            loss = loss + c.gan_weight * self._adaptive_weight(loss_ctm, loss_gan, 0.01, 10.0) * loss_gan
+        return loss, loss_ctm
+
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         if batch.x is None:
             raise FewstepError("CTM needs real data for its DSM term; pass a dataset (e.g. --data digits)")
@@ -254,23 +275,7 @@ class ConsistencyTrajectoryModel(Method):
         out: dict[str, Tensor] = {}
         gan_on = self.discriminator is not None and step >= c.gan_start
         if "student" in due:
-            n = self.draw_heun_steps()
-            i_t, _, i_s = self.draw_indices(x0.shape[0], n)
-            loss_ctm = self.ctm_loss(x0, cond, i_t, n, i_s, torch.randn_like(x0)).mean()
-            loss = loss_ctm
-            if c.dsm_weight > 0:
-                sigma = self.dsm_sigma(x0.shape[0], x0.device)
-                loss_dsm = self.dsm_loss(x0, cond, sigma.to(x0.dtype), torch.randn_like(x0)).mean()
-                if c.dsm_adaptive:
-                    loss_dsm = self._adaptive_weight(loss_ctm, loss_dsm, 0.0, 1e4) * loss_dsm
-                loss = loss + c.dsm_weight * loss_dsm
-            if gan_on:
-                from fewstep.networks.discriminator import g_loss, no_param_grad
-
-                with no_param_grad(self.discriminator):
-                    loss_gan = g_loss(self._disc(self.gan_fake(x0, cond), cond), "hinge")
-                loss = loss + c.gan_weight * self._adaptive_weight(loss_ctm, loss_gan, 0.01, 10.0) * loss_gan
-            out["student"] = loss
+            out["student"] = self.student_loss(x0, cond, gan_on)[0]
         if "discriminator" in due and self.discriminator is not None:
             from fewstep.networks.discriminator import d_loss
 

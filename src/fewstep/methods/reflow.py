@@ -16,11 +16,12 @@ sigma_t)) / t``, the loss is a regression of the denoiser onto the pair's end, w
 
 — the straight line from the pair's start ``sigma_max z`` (every fewstep ODE starts there; it is
 ``t_max = sigma_max / (1 + sigma_max)`` in flow time, not 1) to ``y``, on which the velocity is the
-constant ``z - y / t_max``: :func:`line` and :func:`flow_time_velocity` (tested). A flow trained on its
-own straight lines is *k-rectified* (``pairs_from=init`` starts round k + 1 from run k); Euler on a
-uniform ``t`` grid samples it (Euler in ``t`` is Euler/DDIM in ``sigma``). ``phase=distill`` is the
-paper's distillation (Sec. 2.3): only ``t = 1`` is trained, ``|| (X_1 - X_0) - v(X_1, 1) ||^2``, i.e.
-the one-step output ``D(sigma_max z, sigma_max)`` regresses ``y`` (KD onto the straightened flow's
+constant ``z - y / t_max`` (:func:`fewstep.conversions.pair_line`, ``flow_time_velocity``; tested).
+A flow trained on its own straight lines
+is *k-rectified* (``pairs_from=init`` starts round k + 1 from run k); Euler on a uniform ``t`` grid
+samples it (Euler in ``t`` is Euler/DDIM in ``sigma``). ``phase=distill`` is the paper's
+distillation: only ``t = 1`` is trained, ``|| (X_1 - X_0) - v(X_1, 1) ||^2``, i.e. the one-step
+output ``D(sigma_max z, sigma_max)`` regresses ``y`` (KD onto the straightened flow's
 pairs). :func:`straightness` is the paper's measure ``S = int_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt``
 of a sampler's trajectory (0 for a straight flow), reported per round by ``bench/reflow_straightness.py``.
 
@@ -65,8 +66,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.conversions import flow_t_to_sigma, flow_time_velocity, uniform_flow_sigmas
-from fewstep.denoiser import Denoiser, append_dims
+from fewstep.conversions import flow_t_to_sigma, flow_time_velocity, pair_line, uniform_flow_sigmas
+from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.losses import REGRESSION
 from fewstep.methods import register
@@ -77,13 +78,6 @@ from fewstep.students import copy_teacher, set_dropout
 
 PHASES = ("flow", "distill")
 SOURCES = ("teacher", "init")
-
-
-def line(y: Tensor, z: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
-    """The straight line of the pair ``(z, y)`` in sigma-space: ``(1 - sigma/sigma_max) y + sigma z``
-    (``sigma_max z`` at the top, ``y`` at 0)."""
-    s = append_dims(sigma, y.ndim)
-    return (1 - s / sigma_max) * y + s * z
 
 
 @torch.no_grad()
@@ -179,7 +173,7 @@ class Reflow(Method):
             t_max = smax / (1 + smax)
             t = c.t_eps + (t_max - c.t_eps) * torch.rand(z.shape[0], device=z.device, dtype=z.dtype)
         sigma = flow_t_to_sigma(t)
-        x = line(y, z, sigma, smax)
+        x = pair_line(y, z, sigma, smax)
         diff = (self.student(x, sigma, labels) - y).flatten(1)  # = -t (v_theta - v*)
         if c.loss == "l2":
             return (diff.pow(2).mean(1) / t**2).mean()

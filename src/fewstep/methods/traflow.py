@@ -11,7 +11,7 @@ point of the pair's straight line must move at the pair's constant velocity,
     x_t = (1 - t / sigma_max) y + t z,   v_pair = z - y / tau_max,
 
 in flow time ``tau = sigma / (1 + sigma)`` (:mod:`fewstep.conversions`; ``x_t`` is the pair's line
-from ``sigma_max z`` to ``y``, :func:`fewstep.methods.reflow.line`'s maths), the derivative a central
+from ``sigma_max z`` to ``y``, :func:`fewstep.conversions.pair_line`), the derivative a central
 difference in ``tau_s`` that back-propagates through both passes. ``t`` and ``s <= t`` are drawn as
 CTM draws them (N-point Karras grid). The weight is the paper's best "normalisation" strategy: the
 ratio of gradient norms ``||grad L_CTM|| / ||grad L_vel||`` at the student's last layer, clipped to
@@ -40,9 +40,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fewstep.conversions import flow_t_to_sigma
+from fewstep.conversions import flow_t_to_sigma, pair_line
 from fewstep.denoiser import Denoiser, append_dims
-from fewstep.methods import Batch, register
+from fewstep.methods import register
 from fewstep.methods.ctm import ConsistencyTrajectoryModel, CTMConfig
 from fewstep.pairs import PairSource
 
@@ -76,7 +76,7 @@ class TraFlow(ConsistencyTrajectoryModel):
         """Per-sample ``|| dZ/dtau_s - v_pair ||^2`` at levels ``t >= s > 0`` of the pair ``(z, y)``."""
         smax, h = self.teacher.sigma_max, self.config.fd_eps
         tau_max = smax / (1 + smax)
-        x_t = (1 - append_dims(t / smax, z.ndim)) * y + append_dims(t, z.ndim) * z
+        x_t = pair_line(y, z, t, smax)
         tau = s / (1 + s)
         lo, hi = (tau - h).clamp_min(h / 2), tau + h
 
@@ -87,23 +87,15 @@ class TraFlow(ConsistencyTrajectoryModel):
         dz = (flow_point(hi) - flow_point(lo)) / append_dims(hi - lo, z.ndim)
         return (dz - (z - y / tau_max)).flatten(1).pow(2).mean(1)
 
-    def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
-        out = super().losses(batch, step, due)
+    def student_loss(self, x0: Tensor, cond: Any, gan_on: bool) -> tuple[Tensor, Tensor]:
+        loss, loss_ctm = super().student_loss(x0, cond, gan_on)
         c = self.config
-        if "student" not in due or c.vel_weight <= 0:
-            return out
-        device = batch.x.device
-        z, y, labels = self._pairs.get().batch(batch.x.shape[0], device)
-        grid = self.grid.to(device=device, dtype=z.dtype)
+        if c.vel_weight <= 0:
+            return loss, loss_ctm
+        z, y, labels = self._pairs.get().batch(x0.shape[0], x0.device)
+        grid = self.grid.to(device=x0.device, dtype=z.dtype)
         n = self.draw_heun_steps()
         i_t, _, i_s = self.draw_indices(z.shape[0], n)
-        loss_vel = self.velocity_loss(z, y, labels, grid[i_t.to(device)], grid[i_s.to(device)]).mean()
-        loss_ctm = self._last_ctm
+        loss_vel = self.velocity_loss(z, y, labels, grid[i_t.to(x0.device)], grid[i_s.to(x0.device)]).mean()
         w = self._adaptive_weight(loss_ctm, loss_vel, *c.vel_clip)
-        out["student"] = out["student"] + c.vel_weight * w * loss_vel
-        return out
-
-    def ctm_loss(self, *args: Any, **kwargs: Any) -> Tensor:
-        loss = super().ctm_loss(*args, **kwargs)
-        self._last_ctm = loss.mean()  # the reference of the velocity term's normalised weight
-        return loss
+        return loss + c.vel_weight * w * loss_vel, loss_ctm
