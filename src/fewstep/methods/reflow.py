@@ -69,11 +69,11 @@ from torch import Tensor, nn
 from fewstep.conversions import flow_t_to_sigma, flow_time_velocity, pair_line, uniform_flow_sigmas
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.losses import REGRESSION
+from fewstep.losses import REGRESSION, regression_loss
 from fewstep.methods import register
 from fewstep.methods.base import Batch, EMASpec, Method, OptimizerSpec
 from fewstep.pairs import Pairs, PairSource
-from fewstep.solvers import euler
+from fewstep.solvers import ddim_step, euler
 from fewstep.students import copy_teacher, set_dropout
 
 PHASES = ("flow", "distill")
@@ -94,7 +94,7 @@ def straightness(denoiser: Denoiser, noise: Tensor, steps: int = 64, cond: Any =
         s = torch.full((x.shape[0],), float(sigmas[i]), device=x.device, dtype=x.dtype)
         x0 = denoiser(x, s, cond)
         vs.append(flow_time_velocity(x, x0, s))
-        x = x0 + (float(sigmas[i + 1]) / float(sigmas[i])) * (x - x0)  # Euler in t = DDIM in sigma
+        x = ddim_step(x, x0, s, torch.full_like(s, float(sigmas[i + 1])))  # Euler in t = DDIM in sigma
     chord = (start - x) / float(t[0] - t[-1])  # (Z_1 - Z_0) / (t_max - 0)
     return float(sum((v - chord).pow(2).flatten(1).mean(1).mean() for v in vs) / steps)
 
@@ -164,11 +164,9 @@ class Reflow(Method):
         c, smax = self.config, self.teacher.sigma_max
         if c.phase == "distill":
             sigma = torch.full((z.shape[0],), smax, device=z.device, dtype=z.dtype)
-            x0 = self.student(smax * z, sigma, labels)
-            diff = (x0 - y).flatten(1)
-            t_max = smax / (1 + smax)
-            per = diff.pow(2).mean(1) if c.loss == "l2" else diff.abs().mean(1)
-            return per.mean() / (t_max**2 if c.loss == "l2" else t_max)
+            t_max = smax / (1 + smax)  # in velocity units, as the flow phase
+            loss = regression_loss(self.student(smax * z, sigma, labels), y, c.loss)
+            return loss / (t_max**2 if c.loss == "l2" else t_max)
         if t is None:
             t_max = smax / (1 + smax)
             t = c.t_eps + (t_max - c.t_eps) * torch.rand(z.shape[0], device=z.device, dtype=z.dtype)
