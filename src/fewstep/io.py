@@ -111,3 +111,9 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise FewstepError(f"{path} is not valid JSON ({e}); fix or regenerate it") from None
+
+
+def cache_dir() -> Path:
+    """fewstep's cache: ``$FEWSTEP_CACHE``, else ``~/.cache/fewstep`` (pairs, trajectories, reference
+    features, classifiers)."""
+    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))

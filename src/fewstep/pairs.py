@@ -36,7 +36,7 @@ from torch import Tensor
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.io import atomic_write_json, load_tensors, read_json, save_tensors
+from fewstep.io import atomic_write_json, cache_dir, load_tensors, read_json, save_tensors
 
 FORMAT = "fewstep-pairs"
 VERSION = 1
@@ -238,7 +238,7 @@ def check_pairs_fit(pairs: Pairs, teacher: Denoiser) -> None:
 
 def default_pairs_dir(teacher: Denoiser, n: int, solver: str, steps: int, guidance: float) -> Path:
     """A cache folder for pairs a method generates itself (``$FEWSTEP_CACHE`` or ``~/.cache/fewstep``)."""
-    root = Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
+    root = cache_dir()
     key = f"{teacher_fingerprint(teacher)[:16]}-{solver}{steps}-w{guidance:g}-n{n}"
     return root / "pairs" / key
 

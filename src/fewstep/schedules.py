@@ -70,3 +70,9 @@ def halving_schedule(start: int, end: int = 1) -> list[int]:
     while out[-1] > end:
         out.append(out[-1] // 2)
     return out
+
+
+def linear_warmup(k: int, steps: int) -> float:
+    """Linear lr warm-up: ``(k + 1) / steps`` for the optimizer's step ``k`` until it reaches 1
+    (``OptimizerSpec.lr_schedule`` with ``functools.partial(linear_warmup, steps=n)``)."""
+    return min(1.0, (k + 1) / steps)

@@ -10,18 +10,13 @@ the cached features.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
 from torch import Tensor
 
 from fewstep.eval.features import Features
-from fewstep.io import load_tensors, save_tensors
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
+from fewstep.io import cache_dir, load_tensors, save_tensors
 
 
 def data_key(spec: str) -> str:

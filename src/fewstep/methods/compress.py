@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ from fewstep.errors import FewstepError
 from fewstep.losses import edm_weight
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.schedules import sample_lognormal
+from fewstep.schedules import linear_warmup, sample_lognormal
 from fewstep.students import copy_teacher, set_dropout
 
 
@@ -136,7 +137,7 @@ class Compress(Method):
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
         c = self.config
-        warmup = (lambda k: min(1.0, (k + 1) / c.warmup_steps)) if c.warmup_steps > 0 else None
+        warmup = partial(linear_warmup, steps=c.warmup_steps) if c.warmup_steps > 0 else None
         return {
             "student": OptimizerSpec(
                 ["student", "projections"], lr=c.lr, betas=c.betas, grad_clip=c.grad_clip, lr_schedule=warmup

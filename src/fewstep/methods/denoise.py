@@ -28,6 +28,7 @@ teacher's default network, learns from scratch).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from fewstep.errors import FewstepError
 from fewstep.losses import edm_loss
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.schedules import linear_warmup
 from fewstep.students import copy_teacher
 
 
@@ -80,7 +82,7 @@ class Denoise(Method):
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
         c = self.config
-        warmup = (lambda k: min(1.0, (k + 1) / c.warmup_steps)) if c.warmup_steps > 0 else None
+        warmup = partial(linear_warmup, steps=c.warmup_steps) if c.warmup_steps > 0 else None
         return {
             "student": OptimizerSpec(
                 ["student"], c.lr, c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip, lr_schedule=warmup

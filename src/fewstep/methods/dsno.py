@@ -46,9 +46,7 @@ uses its whole trajectory database).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +55,7 @@ from torch.nn import functional as F
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.io import load_tensors, save_tensors
+from fewstep.io import cache_dir, load_tensors, save_tensors
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
 from fewstep.networks.unet import UNet
@@ -205,7 +203,7 @@ class DSNO(Method):
             from fewstep.seeding import seeded_labels, seeded_noise
 
             t, c = self.teacher, self.config
-            root = Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep")) / "trajectories"
+            root = cache_dir() / "trajectories"
             key = (
                 f"{teacher_fingerprint(t)[:16]}-heun{c.solver_steps}-w{c.guidance:g}-n{c.num_trajectories}-"
                 + "_".join(f"{v:.4g}" for v in self.student.levels.tolist())

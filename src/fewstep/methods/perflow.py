@@ -40,6 +40,7 @@ A student that is not a teacher copy (``--student-net``, an analytic teacher;
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
+from fewstep.schedules import linear_warmup
 from fewstep.solvers import ddim_step, euler
 from fewstep.students import copy_teacher, set_dropout
 
@@ -93,11 +95,10 @@ class PeRFlow(Method):
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
         c = self.config
-        warm = max(c.warmup, 1)
         return {
             "student": OptimizerSpec(
                 ["student"], lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, kind="adamw",
-                grad_clip=c.grad_clip, lr_schedule=lambda k: min(1.0, (k + 1) / warm),
+                grad_clip=c.grad_clip, lr_schedule=partial(linear_warmup, steps=max(c.warmup, 1)),
             )
         }  # fmt: skip
 
