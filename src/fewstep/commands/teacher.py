@@ -11,6 +11,7 @@ teacher, and ``--teacher runs/teacher`` (or ``runs/teacher/student``) uses it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fewstep.commands import Formatter, add_data_args, data_spec
 from fewstep.errors import FewstepError
@@ -20,6 +21,8 @@ def run_train(args) -> int:
     from fewstep.data import load_dataset
     from fewstep.train.teacher import TeacherOptions, train_teacher
 
+    args.lr_given = args.lr is not None
+    args.lr = 2e-3 if args.lr is None else args.lr
     try:
         net = json.loads(args.net) if args.net else {}
     except json.JSONDecodeError:
@@ -31,6 +34,8 @@ def run_train(args) -> int:
     spec = data_spec(args)
     if spec is None and not args.resume:
         raise FewstepError("give the data to train on: --data digits, moons, or a folder of images")
+    if args.arch == "sd":
+        return _train_sd(args, spec, net)
     options = TeacherOptions(
         arch=args.arch, net=net, batch=args.batch, lr=args.lr, max_steps=args.steps, minutes=args.minutes,
         label_dropout=args.label_dropout, ema_halflife_kimg=args.ema_halflife_kimg, ema_rampup=args.ema_rampup,
@@ -47,6 +52,27 @@ def run_train(args) -> int:
     return 0
 
 
+def _train_sd(args, spec, net: dict) -> int:
+    """``--arch sd``: a latent text-to-image pipeline folder (VAE, CLIP text encoder, UNet)."""
+    from fewstep.data import load_dataset
+    from fewstep.train.latent_teacher import LatentTeacherOptions, train_latent_teacher
+
+    if args.resume or net:
+        raise FewstepError("--arch sd trains from scratch with its own sizes; drop --resume/--net")
+    options = LatentTeacherOptions(
+        minutes=args.minutes, steps=args.steps, batch=args.batch or 128, lr=args.lr if args.lr_given else 5e-4,
+        empty_prompts=args.label_dropout, seed=args.seed,
+    )  # fmt: skip
+    if Path(args.out).exists() and not args.overwrite:
+        raise FewstepError(f"{args.out} exists; pass --overwrite to replace it, or choose another --out")
+    data = load_dataset(spec)
+    print(f"training a latent text-to-image teacher on {data.name} ({len(data)} images of shape "
+          f"{list(data.sample_shape)}, {data.num_classes} classes) into {args.out}", flush=True)  # fmt: skip
+    train_latent_teacher(data, args.out, options, overwrite=args.overwrite)
+    print(f"teacher: {args.out} (a StableDiffusionPipeline folder; use it with --teacher {args.out})")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("teacher", help="train a teacher diffusion model")
     tsub = p.add_subparsers(dest="teacher_command", metavar="ACTION")
@@ -59,15 +85,19 @@ def register(sub) -> None:
     t.add_argument("--steps", type=int, default=None, help="iteration budget")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
-    t.add_argument("--arch", choices=("unet", "mlp"), default=None, help="default: unet for images, mlp for vectors")
+    t.add_argument(
+        "--arch", choices=("unet", "mlp", "sd"), default=None,
+        help="default: unet for images, mlp for vectors; sd: a latent text-to-image diffusers pipeline "
+        "(VAE + CLIP text encoder + UNet; captions from the classes)",
+    )  # fmt: skip
     t.add_argument(
         "--net",
         default=None,
         help="network options as JSON over the preset for the data's shape, e.g. '{\"channels\": 64}'",
     )
     t.add_argument("--batch", type=int, default=None, help="default: the preset's (256 at 8 px, 128 to 32 px)")
-    t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate after the warm-up")
-    t.add_argument("--label-dropout", type=float, default=0.1, help="null-label rate (for guidance)")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate after the warm-up (2e-3; sd: 5e-4)")
+    t.add_argument("--label-dropout", type=float, default=0.1, help="null-label (sd: empty-prompt) rate, for guidance")
     t.add_argument("--ema-halflife-kimg", type=float, default=500.0, help="EDM's EMA half-life, in 1000 images")
     t.add_argument("--ema-rampup", type=float, default=0.05, help="the half-life never exceeds this x images seen")
     t.add_argument("--checkpoint-every", type=int, default=200, help="iterations between checkpoints and grids")

