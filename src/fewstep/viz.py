@@ -87,8 +87,17 @@ def save_npz(path: str | Path, samples: Tensor, labels: Tensor | None, seeds) ->
     return path
 
 
-def save_samples(samples: Tensor, labels: Tensor | None, seeds, out: str | Path) -> Path:
-    """Write samples as ``.npz`` (raw), or a PNG grid (images) / scatter plot (2-D data)."""
+@torch.no_grad()
+def as_images(model, x: Tensor, batch: int = 500) -> Tensor:
+    """Samples of ``model`` as images: a latent teacher's (or its student's) VAE decodes them."""
+    if getattr(model, "vae", None) is None or not hasattr(model, "decode"):
+        return x
+    return torch.cat([model.decode(x[i : i + batch]) for i in range(0, len(x), batch)]).clamp(-1, 1)
+
+
+def save_samples(samples: Tensor, labels: Tensor | None, seeds, out: str | Path, model=None) -> Path:
+    """Write samples as ``.npz`` (raw, latents as they are), or a PNG grid (images; a latent
+    ``model``'s samples decoded by its VAE) / scatter plot (2-D data)."""
     out = Path(out)
     if out.suffix == ".npz":
         return save_npz(out, samples, labels, seeds)
@@ -97,5 +106,5 @@ def save_samples(samples: Tensor, labels: Tensor | None, seeds, out: str | Path)
 
         raise FewstepError(f"--out {out}: use a .png (picture) or .npz (raw samples) path")
     if samples.ndim == 4:
-        return save_grid(samples, out)
+        return save_grid(as_images(model, samples), out)
     return save_scatter(samples, out)

@@ -47,6 +47,16 @@ def add_protocol_args(p, n_default: int = 10000, seeds_default: int = 3) -> None
     p.add_argument("--baselines", type=str_list, default=("euler", "heun", "dpmpp_2m"), help="solvers to compare")
     p.add_argument("--baseline-nfe", type=int_list, default=(1, 2, 4, 8, 16, 35), help="NFE of the baselines")
     p.add_argument("--no-cache", action="store_true", help="recompute reference features and teacher rows")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="the teacher's classifier-free guidance scale (its reference and baselines; a guided "
+                   "student is scored against the guided teacher)")  # fmt: skip
+    p.add_argument(
+        "--teacher-solver",
+        default="heun",
+        choices=("heun", "dpmpp_2m", "euler"),
+        help="the teacher's reference solver (heun; dpmpp_2m: DPM-Solver++(2M), what SD users run)",
+    )
+    p.add_argument("--teacher-nfe", type=int, default=35, help="the reference's NFE (35; SD's DPM-Solver++: 25)")
 
 
 def settings_from(args):
@@ -55,7 +65,8 @@ def settings_from(args):
 
     return EvalSettings(n=args.n, repeats=args.seeds, features=args.features, feature_weights=args.feature_weights,
                         data=data_spec(args), fidelity_n=args.fidelity_n, baseline_solvers=args.baselines,
-                        baseline_nfe=args.baseline_nfe, cache=not args.no_cache)  # fmt: skip
+                        baseline_nfe=args.baseline_nfe, cache=not args.no_cache, guidance=args.guidance,
+                        teacher_solver=args.teacher_solver, teacher_nfe=args.teacher_nfe)  # fmt: skip
 
 
 def run(args) -> int:

@@ -63,7 +63,7 @@ def run_student(args) -> int:
     args.steps = args.steps or method.default_steps[0]
     seeds = range(args.seed, args.seed + args.n)
     x, labels, steps = generate_student(method, seeds, args.steps, args.label, args.batch)
-    path = save_samples(x, labels, seeds, args.out)
+    path = save_samples(x, labels, seeds, args.out, model=method.teacher)
     print(f"wrote {args.n} samples ({method.name} student, {steps} step(s), step {method.run.step}) to {path}")
     return 0
 
@@ -85,7 +85,7 @@ def run(args) -> int:
     model = load_teacher(args.model)
     seeds = range(args.seed, args.seed + args.n)
     x, labels, nfe = generate(model, seeds, args.solver, args.steps, args.label, args.guidance, args.batch)
-    path = save_samples(x, labels, seeds, args.out)
+    path = save_samples(x, labels, seeds, args.out, model=model)
     print(f"wrote {args.n} samples ({args.solver}, {nfe} NFE) to {path}")
     return 0
 

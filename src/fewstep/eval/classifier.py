@@ -9,6 +9,12 @@ its penultimate layer, as Inception FID uses the pool3 layer (Heusel et al. 2017
 Retrain it (about 20 seconds on 2 CPU cores) with::
 
     python -m fewstep.eval.classifier --out src/fewstep/assets/classifier
+
+The tier-2 MNIST classifier (32x32, the stand-in for Inception and CLIP score on the latent
+text-to-image teacher) is trained the same way on ``mnist:train`` and shipped in
+``fewstep/assets/mnist-classifier/``::
+
+    python -m fewstep.eval.classifier --data mnist --out src/fewstep/assets/mnist-classifier
 """
 
 from __future__ import annotations
@@ -90,32 +96,45 @@ def train_classifier(cfg: ClassifierConfig | None = None, train=None, test=None)
     return model.eval().requires_grad_(False), record
 
 
+def fit_to_data(spec, progress=print, note: str = "") -> tuple[DigitsCNN, dict]:
+    """A classifier trained on ``spec``'s training split and checked on its held-out split: labels
+    when it has classes, else rotation prediction; about 120k images seen (at most 40 epochs)."""
+    from fewstep.data import load_dataset
+
+    train, test = load_dataset(spec.with_split("train")), load_dataset(spec.with_split("test"))
+    channels, resolution = train.sample_shape[0], train.sample_shape[-1]
+    labelled = train.labels is not None and train.num_classes > 1
+    epochs = max(3, min(40, -(-120_000 // len(train))))
+    cfg = ClassifierConfig(
+        in_channels=channels, resolution=resolution, pool=4 if resolution >= 16 else 2,
+        num_classes=train.num_classes if labelled else 4, task="labels" if labelled else "rotation",
+        epochs=epochs, shift=max(1, resolution // 10),
+    )  # fmt: skip
+    progress(f"training a feature classifier on {train.name} ({len(train)} images, {cfg.task}, {epochs} epochs"
+             f"{'; ' + note if note else ''})")  # fmt: skip
+    with torch.enable_grad():  # evaluation may run under no_grad
+        model, record = train_classifier(cfg, train, test)
+    progress(f"feature classifier: held-out accuracy {100 * record['test_accuracy']:.1f}% on {test.name} "
+             f"({record['seconds']} s)")  # fmt: skip
+    return model, record
+
+
 def classifier_for(spec, progress=print) -> Path:
     """The feature classifier of an image folder: trained on its training split (labels from its
     class sub-folders, or — without them — rotation prediction), checked on its held-out split,
     and cached under ``$FEWSTEP_CACHE/classifiers/`` by the folder's digest (file names, sizes,
     modification times) and the images' resolution and channels. Returns its folder."""
-    from fewstep.data import load_dataset
     from fewstep.eval.reference import cache_dir, data_key
 
+    if spec.kind == "mnist":  # the shipped one (bench/mnist_classifier.py trains it)
+        from fewstep.teachers import builtin_path
+
+        return builtin_path("mnist-classifier")
     key = f"{data_key(spec.path)}-r{spec.resolution}c{spec.channels}{'-convert' if spec.convert else ''}"
     folder = cache_dir() / "classifiers" / key
     if (folder / "config.json").is_file():
         return folder
-    train, test = load_dataset(spec.with_split("train")), load_dataset(spec.with_split("test"))
-    labelled = train.labels is not None and train.num_classes > 1
-    epochs = max(3, min(40, -(-120_000 // len(train))))  # about 120k images seen, at most 40 epochs
-    cfg = ClassifierConfig(
-        in_channels=spec.channels, resolution=spec.resolution, pool=4 if spec.resolution >= 16 else 2,
-        num_classes=train.num_classes if labelled else 4, task="labels" if labelled else "rotation",
-        epochs=epochs, shift=max(1, spec.resolution // 10),
-    )  # fmt: skip
-    progress(f"training a feature classifier on {train.name} ({len(train)} images, {cfg.task}, {epochs} epochs; "
-             "cached for later evaluations)")  # fmt: skip
-    with torch.enable_grad():  # evaluation may run under no_grad
-        model, record = train_classifier(cfg, train, test)
-    progress(f"feature classifier: held-out accuracy {100 * record['test_accuracy']:.1f}% on {test.name} "
-             f"({record['seconds']} s)")  # fmt: skip
+    model, record = fit_to_data(spec, progress, "cached for later evaluations")
     save_tensors(folder / "model.safetensors", model.state_dict())
     atomic_write_json(folder / "config.json", {"format": FORMAT, "config": asdict(model.cfg), "record": record,
                                                "data": spec.to_dict()})  # fmt: skip
@@ -123,11 +142,19 @@ def classifier_for(spec, progress=print) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="(Re)train fewstep's digits feature classifier on digits:train.")
+    p = argparse.ArgumentParser(description="(Re)train fewstep's shipped feature classifiers (digits, mnist).")
     p.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
+    p.add_argument("--data", default="digits", choices=("digits", "mnist"), help="mnist: the tier-2 classifier")
     p.add_argument("--epochs", type=int, default=ClassifierConfig.epochs)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.data == "mnist":
+        from fewstep.data import parse_data
+
+        model, record = fit_to_data(parse_data("mnist"))
+        save_classifier(model, args.out, record)
+        print(f"test accuracy {record['test_accuracy']:.4f} on mnist:test ({record['seconds']} s); wrote {args.out}")
+        return
     model, record = train_classifier(ClassifierConfig(epochs=args.epochs, seed=args.seed))
     save_classifier(model, args.out, record)
     print(f"test accuracy {record['test_accuracy']:.4f} on digits:test ({record['seconds']} s); wrote {args.out}")

@@ -60,6 +60,7 @@ class EvalSettings:
     speed_repeats: int = 5
     min_samples: int = MIN_FID_SAMPLES
     cache: bool = True
+    guidance: float = 1.0  # the teacher's (reference and baselines) classifier-free guidance scale
 
     def check(self) -> None:
         if self.n < self.min_samples:
@@ -128,10 +129,17 @@ class Evaluator:
         self.data = data.spec if self.dataset is not None else data
         if self.data is None and self.dataset is None and not self.analytic:
             raise FewstepError("cannot tell which data this teacher learned; pass --data (e.g. digits:train)")
-        if self.dataset is not None and tuple(self.dataset.sample_shape) != self.shape:
+        # a latent teacher's samples are scored as the images its VAE decodes them to
+        self.latent = hasattr(teacher, "decode") and getattr(teacher, "vae", None) is not None
+        self.image_shape = tuple(self.images(torch.zeros(1, *self.shape)).shape[1:]) if self.latent else self.shape
+        classes = getattr(teacher, "prompt_classes", None)
+        self.label_classes = torch.tensor(classes) if classes else None
+        if self.dataset is not None and tuple(self.dataset.sample_shape) != self.image_shape:
             raise FewstepError(f"the run's data has samples of shape {list(self.dataset.sample_shape)}, the teacher "
                                f"makes {list(self.shape)}; pass the teacher's data with --data")  # fmt: skip
-        self.extractor = get_extractor(settings.features, self.shape, settings.feature_weights, self.data, progress)
+        self.extractor = get_extractor(
+            settings.features, self.image_shape, settings.feature_weights, self.data, progress
+        )
         self.ref_x = self._reference_samples()
         if self.ref_x is not None:
             self.ref = self.extractor.features(self.ref_x)
@@ -142,9 +150,15 @@ class Evaluator:
         self._answers: Tensor | None = None
         where = self.data if self.data is not None else (self.dataset.name if self.dataset is not None else None)
         self.key = f"{model_digest(teacher)}-{self.extractor.name}-{where}-n{settings.n}x{settings.repeats}"
-        for name in ("fidelity_n", "kid_subsets", "min_samples"):  # suffixes only where not default
+        for name in ("fidelity_n", "kid_subsets", "min_samples", "guidance"):  # suffixes only where not default
             if getattr(settings, name) != getattr(EvalSettings, name):
                 self.key += f"-{name}{getattr(settings, name)}"
+
+    def images(self, x: Tensor, batch: int = 500) -> Tensor:
+        """Samples as images: a latent teacher's VAE decodes them (in batches), others pass."""
+        if not self.latent:
+            return x
+        return torch.cat([self.teacher.decode(x[i : i + batch]) for i in range(0, len(x), batch)]).clamp(-1, 1)
 
     def _reference_samples(self) -> Tensor | None:
         """Real samples when they are not a cached data set: exact mixture samples, 2-D data, data
@@ -163,7 +177,10 @@ class Evaluator:
     def answers(self) -> Tensor:
         """The teacher's high-accuracy ODE answers on the fidelity seeds (computed once)."""
         if self._answers is None:
-            self._answers = reference_answers(self.teacher, self.fidelity_seeds, self.s.batch)
+            from fewstep.guidance import cfg
+
+            guided = cfg(self.teacher, self.s.guidance)
+            self._answers = self.images(reference_answers(guided, self.fidelity_seeds, self.s.batch))
         return self._answers
 
     def measure(self, sampler: Sampler, fidelity: bool = True) -> Row:
@@ -179,6 +196,7 @@ class Evaluator:
             if r == 0 and s.repeats > 1 and took > 20:
                 self.progress(f"  {sampler.label}: {s.n} samples in {took:.0f} s; the row takes about "
                               f"{took * s.repeats / 60:.1f} min (a quicker look: --n 2000 --seeds 1)")  # fmt: skip
+            x = self.images(x)
             f = self.extractor.features(x)
             fids.append(fid(self.ref_stats, f, s.min_samples))
             kids.append(kid(self.ref, f, subsets=s.kid_subsets, seed=r)[0])
@@ -186,7 +204,8 @@ class Evaluator:
             precs.append(p)
             recs.append(rc)
             if isinstance(self.extractor, ClassifierFeatures) and self.extractor.predicts_labels and y is not None:
-                accs.append(float((self.extractor.predict(x) == y).double().mean()))
+                want = self.label_classes.to(y.device)[y] if self.label_classes is not None else y
+                accs.append(float((self.extractor.predict(x) == want).double().mean()))
             if self.ref_x is not None and len(self.shape) == 1:
                 swds.append(sliced_wasserstein(x, self.ref_x, seed=r))
             if self.analytic:
@@ -222,7 +241,7 @@ class Evaluator:
         path = self._cache_path()
         rows, seen, probes = [], set(), []
         for solver, nfe in solvers:
-            sampler = teacher_sampler(self.teacher, solver, nfe)
+            sampler = teacher_sampler(self.teacher, solver, nfe, self.s.guidance)
             if (solver, sampler.nfe) in seen:
                 continue
             seen.add((solver, sampler.nfe))
@@ -269,7 +288,7 @@ class Evaluator:
                "kid": kid(self.ref, f, subsets=self.s.kid_subsets)[0], "precision": p, "recall": r}  # fmt: skip
         if teacher is not None:
             x, _ = generate(teacher, range(n), self.shape, self.classes, self.s.batch)
-            out["teacher_fid_same_n"] = fid(self.ref_stats, self.extractor.features(x), min_samples=least)
+            out["teacher_fid_same_n"] = fid(self.ref_stats, self.extractor.features(self.images(x)), min_samples=least)
         return out
 
     def describe(self) -> dict:

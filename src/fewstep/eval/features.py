@@ -183,7 +183,7 @@ def get_extractor(
         elif tuple(sample_shape) == (1, 8, 8) and (data is None or data.kind == "digits"):
             name = "digits"
         else:
-            name = "data" if data is not None and data.kind == "folder" else "inception"
+            name = "data" if data is not None and data.kind in ("folder", "mnist") else "inception"
     extractor = _build(name, sample_shape, weights, data, progress)
     extractor.check(torch.zeros(1, *sample_shape))
     return extractor
@@ -193,6 +193,10 @@ def _build(name: str, sample_shape: tuple[int, ...], weights, data, progress) ->
     if name == "data":
         if weights is not None:
             return ClassifierFeatures(weights, prefix="data-cnn")
+        if data is not None and data.kind == "mnist":
+            from fewstep.eval.classifier import classifier_for
+
+            return ClassifierFeatures(classifier_for(data, progress), prefix="mnist-cnn")
         if data is None or data.kind != "folder":
             raise FewstepError(
                 f"--features data trains a classifier on an image folder, and the reference data is {data}; "

@@ -120,7 +120,7 @@ def evaluate(
     for sampler in subject.students:
         progress(f"measuring student {sampler.label}")
         students.append(ev.measure(sampler))
-    t_sampler = teacher_sampler(subject.teacher, s.teacher_solver, s.teacher_nfe)
+    t_sampler = teacher_sampler(subject.teacher, s.teacher_solver, s.teacher_nfe, s.guidance)
     floor = ev.floor(t_sampler)
     progress("measuring speed")
     speeds = [ev.speed(sm) for sm in subject.students] + [ev.speed(t_sampler)]
@@ -160,16 +160,16 @@ def _pictures(subject: Subject, ev: Evaluator, t_rows: list[Row], students: list
     quality_plot(series, out_dir / "quality_vs_nfe.png", t_rows[0], title=subject.name)
     s = ev.s
     seeds = range(GRID_N if len(ev.shape) > 1 else 2000)
-    t_sampler = teacher_sampler(subject.teacher, s.teacher_solver, s.teacher_nfe)
-    panels = [(f"teacher {t_sampler.label}", generate(t_sampler, seeds, ev.shape, ev.classes)[0])]
+    t_sampler = teacher_sampler(subject.teacher, s.teacher_solver, s.teacher_nfe, s.guidance)
+    panels = [(f"teacher {t_sampler.label}", ev.images(generate(t_sampler, seeds, ev.shape, ev.classes)[0]))]
     for sm in subject.students:
-        panels.append((sm.label, generate(sm, seeds, ev.shape, ev.classes)[0]))
+        panels.append((sm.label, ev.images(generate(sm, seeds, ev.shape, ev.classes)[0])))
     if not subject.students:  # a model alone: its fast solvers (at the NFE nearest 4) beside its reference
         few = min(s.baseline_nfe, key=lambda k: (abs(k - 4), k))
         for solver in s.baseline_solvers:
-            sm = teacher_sampler(subject.teacher, solver, few)
+            sm = teacher_sampler(subject.teacher, solver, few, s.guidance)
             panels.append((f"{SOLVER_NAMES.get(solver, solver)} @ {sm.nfe} NFE",
-                           generate(sm, seeds, ev.shape, ev.classes)[0]))  # fmt: skip
+                           ev.images(generate(sm, seeds, ev.shape, ev.classes)[0])))  # fmt: skip
     sample_figure(panels, out_dir / "samples.png", ev.ref_x if len(ev.shape) == 1 else None)
 
 
@@ -197,7 +197,7 @@ def render(results: dict) -> str:
     lines += [
         f"- teacher: `{results['teacher']}`" + (f"; method: `{results['method']}`" if results["method"] else ""),
         f"- protocol: {p['n']} samples × {p['repeats']} seed range(s) (sample *i* from seed *i*), labels uniform, "
-        f"guidance 1; FID/KID/precision/recall (k=3) in the features `{p['features']}` ({p['feature_dim']}-d)"
+        f"teacher guidance {p.get('guidance', 1.0):g}; FID/KID/precision/recall (k=3) in the features `{p['features']}` ({p['feature_dim']}-d)"
         + (f", held-out accuracy of the feature network {100 * acc:.2f}%"
            + (" (rotation prediction: the data has no labels)" if p.get("classifier_task") == "rotation" else "")
            + (f" on `{p['classifier_test_split']}`" if p.get("classifier_test_split") else "")

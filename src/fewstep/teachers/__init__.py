@@ -2,6 +2,7 @@
 
 ``load_teacher(spec)`` accepts
 - ``builtin:digits`` / ``builtin:moons`` — the pre-trained models shipped inside the package;
+  ``builtin:mnist-sd`` — the shipped latent text-to-image MNIST pipeline (a diffusers folder);
 - ``analytic:gaussians8`` / ``analytic:image`` — exact Gaussian-mixture teachers;
 - a folder written by :func:`fewstep.teachers.native.save_model` (a teacher or a run's student),
   or a run folder (its student: what ``fewstep teacher train`` makes);
@@ -19,7 +20,7 @@ from fewstep.errors import FewstepError
 from fewstep.teachers.analytic import MIXTURE_FORMAT, GaussianMixture, image_mixture, ring2d
 from fewstep.teachers.native import load_model, save_model
 
-BUILTINS = ("digits", "moons")
+BUILTINS = ("digits", "moons", "mnist-sd", "mnist-classifier")
 ANALYTIC = {"gaussians8": ring2d, "image": image_mixture}
 
 
@@ -28,7 +29,7 @@ def builtin_path(name: str) -> Path:
     if name not in BUILTINS:
         raise FewstepError(f"unknown builtin model {name!r}; use one of {', '.join('builtin:' + b for b in BUILTINS)}")
     path = Path(str(resources.files("fewstep") / "assets" / name))
-    if not (path / "model.safetensors").is_file():
+    if not ((path / "model.safetensors").is_file() or (path / "model_index.json").is_file()):
         raise FewstepError(f"builtin:{name} is missing from this installation ({path}); reinstall fewstep")
     return path
 
@@ -39,7 +40,12 @@ def load_teacher(spec: str | Path | Denoiser) -> Denoiser:
         return spec
     spec = str(spec)
     if spec.startswith("builtin:"):
-        return load_model(builtin_path(spec.split(":", 1)[1]))
+        path = builtin_path(spec.split(":", 1)[1])
+        if (path / "model_index.json").is_file():
+            from fewstep.teachers.diffusers.loading import load_diffusers
+
+            return load_diffusers(path)
+        return load_model(path)
     if spec.startswith("lora:"):
         from fewstep.teachers.diffusers.lora import load_lora_teacher
 

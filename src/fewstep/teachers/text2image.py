@@ -2,7 +2,7 @@
 
 A latent text-to-image teacher is the stock diffusers ``StableDiffusionPipeline``:
 
-- ``vae``: ``AutoencoderKL``, three levels (8x down: 32x32 images -> 4x8x8 latents), its
+- ``vae``: ``AutoencoderKL``, three levels (4x down: 32x32 images -> 4x8x8 latents; SD's four are 8x), its
   ``scaling_factor`` set from the data (1 / the latents' standard deviation, as SD's 0.18215);
 - ``text_encoder`` + ``tokenizer``: a small transformers ``CLIPTextModel`` (2 layers, width 64)
   and a ``CLIPTokenizer`` whose byte-level BPE vocabulary fewstep writes itself
@@ -28,6 +28,7 @@ import torch
 
 from fewstep.errors import FewstepError
 
+DOWN = 4  # the VAE's downsampling: three levels, two halvings
 MAX_TOKENS = 16  # prompts are short; the pipeline pads every prompt to this many tokens
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
@@ -47,7 +48,9 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def _byte_symbols() -> list[str]:
     """CLIP's (GPT-2's) printable stand-in for each of the 256 bytes."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     out, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -91,26 +94,30 @@ def write_tokenizer(words: list[str], folder: str | Path):
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def build_components(resolution: int, channels: int, words: list[str], folder: str | Path, seed: int = 0) -> dict:
+def build_components(
+    resolution: int, channels: int, words: list[str], folder: str | Path, seed: int = 0, sizes: dict | None = None
+) -> dict:
     """Fresh ``vae``, ``text_encoder``, ``tokenizer`` (written to ``folder/tokenizer``), ``unet`` and
-    ``scheduler`` for images of ``resolution`` x ``resolution`` x ``channels``."""
+    ``scheduler`` for images of ``resolution`` x ``resolution`` x ``channels``; ``sizes`` updates
+    :data:`SIZES` per part (tests build tiny pipelines this way)."""
+    size = {k: {**v, **(sizes or {}).get(k, {})} for k, v in SIZES.items()}
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if resolution % 8:
-        raise FewstepError(f"a latent teacher needs a resolution divisible by 8 (the VAE's 8x), got {resolution}")
+    if resolution % DOWN:
+        raise FewstepError(f"a latent teacher needs a resolution divisible by {DOWN} (the VAE's), got {resolution}")
     tokenizer = write_tokenizer(words, Path(folder) / "tokenizer")
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=channels, out_channels=channels, sample_size=resolution,
-        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, **SIZES["vae"],
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, **size["vae"],
     )  # fmt: skip
     text_cfg = CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SIZES["text"],
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **size["text"],
     )  # fmt: skip
     text_encoder = CLIPTextModel(text_cfg).eval().requires_grad_(False)
-    unet = UNet2DConditionModel(sample_size=resolution // 8, in_channels=4, out_channels=4, **SIZES["unet"])
+    unet = UNet2DConditionModel(sample_size=resolution // DOWN, in_channels=4, out_channels=4, **size["unet"])
     scheduler = DPMSolverMultistepScheduler(
         **BETAS, prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, steps_offset=1
     )

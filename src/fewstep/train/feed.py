@@ -21,16 +21,52 @@ from fewstep.methods.base import Batch
 
 def check_data(data: Dataset, teacher: Denoiser) -> None:
     """One-line error if ``data`` cannot train a student of ``teacher``."""
-    if tuple(data.sample_shape) != tuple(teacher.sample_shape):
+    shapes = [tuple(teacher.sample_shape)]
+    vae = getattr(teacher, "vae", None)
+    if vae is not None:  # a latent teacher also takes images, which its VAE encodes (teacher_data)
+        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        shapes.append((vae.config.in_channels, *(s * down for s in teacher.sample_shape[1:])))
+    if tuple(data.sample_shape) not in shapes:
         raise FewstepError(
             f"data {data.name} has samples of shape {list(data.sample_shape)} but the teacher makes "
             f"{list(teacher.sample_shape)}; pass data of the teacher's resolution and channels (--data)"
         )
-    if data.labels is not None and teacher.num_classes and data.num_classes != teacher.num_classes:
+    classes = getattr(teacher, "prompt_classes", None)
+    num_classes = len(set(classes)) if classes else teacher.num_classes
+    if data.labels is not None and teacher.num_classes and data.num_classes not in (num_classes, teacher.num_classes):
         raise FewstepError(
-            f"data {data.name} has {data.num_classes} classes but the teacher has {teacher.num_classes}; "
+            f"data {data.name} has {data.num_classes} classes but the teacher has {num_classes}; "
             "pass data with the teacher's labels"
         )
+
+
+@torch.no_grad()
+def teacher_data(data: Dataset, teacher: Denoiser, batch: int = 256) -> Dataset:
+    """``data`` as ``teacher`` sees it. For a latent teacher given images (its VAE's input shape),
+    the images are encoded once (the posterior mean, scaled as the pipeline scales latents). For a
+    teacher whose labels stand for prompts (a prompt table of ``T`` templates x ``C`` classes), each
+    image appears once per template with the label of that prompt, so a uniform draw is a uniform
+    image with a uniform template. Other data are returned as they are."""
+    import dataclasses
+
+    x, labels = data.x, data.labels
+    if hasattr(teacher, "decode") and tuple(data.sample_shape) != tuple(teacher.sample_shape):
+        encoded = [teacher.encode(x[i : i + batch]) for i in range(0, len(x), batch)]
+        x = torch.cat(encoded)
+    classes = getattr(teacher, "prompt_classes", None)
+    if classes and labels is not None and data.num_classes and len(classes) != data.num_classes:
+        prompts = torch.tensor(classes)
+        per_class = [torch.nonzero(prompts == c).flatten() for c in range(data.num_classes)]
+        if any(len(p) != len(per_class[0]) for p in per_class) or len(per_class[0]) == 0:
+            raise FewstepError(
+                f"the teacher's {len(classes)} prompts do not cover the data's {data.num_classes} classes equally; "
+                "give every class the same number of prompts (fewstep_prompts.json)"
+            )
+        table = torch.stack(per_class)  # (C, T): the prompt labels of each class
+        x = x.repeat(table.shape[1], *([1] * (x.dim() - 1)))
+        labels = table[labels].T.reshape(-1)
+        return dataclasses.replace(data, x=x, labels=labels, num_classes=len(classes))
+    return dataclasses.replace(data, x=x) if x is not data.x else data
 
 
 class Feeder:

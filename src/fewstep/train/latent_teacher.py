@@ -51,6 +51,7 @@ class LatentTeacherOptions:
     warmup_steps: int = 200
     ema_power: float = 2 / 3
     seed: int = 0
+    sizes: dict | None = None  # per part, over fewstep.teachers.text2image.SIZES
 
 
 def _budget(o: LatentTeacherOptions, share: float) -> tuple[float | None, int | None]:
@@ -75,9 +76,11 @@ def _loop(name: str, minutes: float | None, steps: int | None, step_fn) -> int:
             shown = loss if math.isnan(shown) else 0.98 * shown + 0.02 * loss
             bar.update(1)
             if minutes is not None:
-                bar.set_postfix(loss=f"{shown:.4f}", left=f"{max(0.0, 60 * minutes - elapsed) / 60:.1f} min")
+                bar.set_postfix(
+                    loss=f"{shown:.4f}", left=f"{max(0.0, 60 * minutes - elapsed) / 60:.1f} min", refresh=False
+                )
             else:
-                bar.set_postfix(loss=f"{shown:.4f}")
+                bar.set_postfix(loss=f"{shown:.4f}", refresh=False)
     return i
 
 
@@ -87,8 +90,15 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.training_utils import EMAModel
 
-    from fewstep.data.mnist import EVAL_TEMPLATES, FOLDER_EVAL_TEMPLATES, FOLDER_TEMPLATES, TRAIN_TEMPLATES
-    from fewstep.data.mnist import NAMES, eval_prompts, train_captions
+    from fewstep.data.mnist import (
+        EVAL_TEMPLATES,
+        FOLDER_EVAL_TEMPLATES,
+        FOLDER_TEMPLATES,
+        NAMES,
+        TRAIN_TEMPLATES,
+        eval_prompts,
+        train_captions,
+    )
     from fewstep.io import atomic_write_json
     from fewstep.teachers.diffusers.conditioning import TextConditioning
     from fewstep.teachers.diffusers.loading import save_uncond
@@ -98,7 +108,9 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
     if o.minutes is None and o.steps is None:
         raise FewstepError("give a budget: --minutes M and/or --steps N")
     if not 0 < o.vae_share < 1 or not 0 <= o.empty_prompts < 1:
-        raise FewstepError(f"vae_share must be in (0, 1) and empty_prompts in [0, 1), got {o.vae_share}, {o.empty_prompts}")
+        raise FewstepError(
+            f"vae_share must be in (0, 1) and empty_prompts in [0, 1), got {o.vae_share}, {o.empty_prompts}"
+        )
     if data.labels is None or data.x.dim() != 4:
         raise FewstepError(
             f"a text-to-image teacher needs images with classes (captions come from them); {data.name} has "
@@ -112,7 +124,7 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
     words = " ".join(t.format(d=c, name=(names or NAMES)[c]) for t in templates for c in range(data.num_classes))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    parts = build_components(data.x.shape[-1], data.x.shape[1], words.split(), tmp, o.seed)
+    parts = build_components(data.x.shape[-1], data.x.shape[1], words.split(), tmp, o.seed, o.sizes)
     vae, unet, text_encoder, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
     gen = torch.Generator().manual_seed(o.seed)
     x_all, y_all = data.x, data.labels

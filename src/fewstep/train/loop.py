@@ -47,7 +47,7 @@ from fewstep.train.distributed import (
     stop_reason,
 )
 from fewstep.train.ema import EMA, swap_weights
-from fewstep.train.feed import Feeder, check_data
+from fewstep.train.feed import Feeder, check_data, teacher_data
 from fewstep.train.progress import Progress, Window, log_window
 
 EvalHook = Callable[[Method, int, Path], "dict[str, float] | None"]
@@ -277,6 +277,8 @@ def train(
     run_dir = Path(run_dir)
     acc = make_accelerator(cfg)
     rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+    if data is not None:
+        data = teacher_data(data, method.teacher)
     check_run(cfg, method, data, world, device)
     micro = cfg.batch // (world * cfg.grad_accum)
 
@@ -448,7 +450,8 @@ def sample_grids(run: Run, step: int) -> None:
                     x = method.sample(noise, k, cond=labels)
                 except NotImplementedError:
                     break
-                save_samples(x.float().cpu(), labels, seeds, run_dir / "samples" / f"step-{step:08d}-{k}step.png")
+                path = run_dir / "samples" / f"step-{step:08d}-{k}step.png"
+                save_samples(x.float().cpu(), labels, seeds, path, model=teacher)
     acc.wait_for_everyone()
 
 

@@ -128,6 +128,8 @@ class DiffusersDenoiser(Denoiser):
         sigma_data: float | None = None,
         sigma_max: float | None = None,
         guidance_input: bool = False,
+        prompts: TextConditioning | None = None,
+        prompt_classes: list[int] | None = None,
     ) -> None:
         super().__init__()
         kind = type(model).__name__
@@ -142,6 +144,9 @@ class DiffusersDenoiser(Denoiser):
         if self.conditioning == "labels":
             self.num_classes = cfg["num_class_embeds"] - 1 if null_class else cfg["num_class_embeds"]
         self.has_null_class = null_class and self.conditioning == "labels"
+        self.prompts, self.prompt_classes = None, None
+        if prompts is not None:
+            self._set_prompts(prompts, prompt_classes)
         size = cfg["sample_size"]
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (cfg["in_channels"], h, w)
@@ -181,6 +186,27 @@ class DiffusersDenoiser(Denoiser):
             raise FewstepError(f"addition_embed_type={add!r} is not supported; use a text or SDXL (text_time) UNet")
         return "text", spec
 
+    def _set_prompts(self, prompts: TextConditioning, prompt_classes: list[int] | None) -> None:
+        """Let integer labels stand for prompts: label ``k`` is ``prompts[k]``, label ``K`` (the
+        null label, ``K = len(prompts)``) the unconditional embedding. So every label-driven part of
+        fewstep (the engine's batches, guidance by the null label, evaluation's uniform labels) runs on
+        a text-to-image teacher; ``prompt_classes[k]`` is the class prompt ``k`` shows (what
+        evaluation's label accuracy compares with)."""
+        if self.conditioning != "text":
+            raise FewstepError("a prompt table needs a text-conditioned model (UNet2DConditionModel, SD3)")
+        if self.uncond is None:
+            raise FewstepError("a prompt table needs the unconditional embedding (fewstep_uncond.safetensors)")
+        self.prompts = check_text_conditioning(prompts, len(prompts), self.cond_spec, type(self.model).__name__)
+        self.prompt_classes = list(prompt_classes) if prompt_classes is not None else list(range(len(prompts)))
+        if len(self.prompt_classes) != len(prompts):
+            raise FewstepError(f"{len(prompts)} prompts but {len(self.prompt_classes)} prompt classes; give one each")
+        self.num_classes, self.has_null_class = len(prompts), True
+
+    def label_conditioning(self, labels: Tensor) -> TextConditioning:
+        """The prompts' encodings for integer ``labels`` (the null label: the unconditional one)."""
+        table = TextConditioning.cat([self.prompts, self.uncond[:1]])
+        return table.to(device=labels.device)[labels.long()]
+
     def _check_cond(self, cond: Any, batch: int, x: Tensor) -> Any:
         if self.conditioning == "none":
             if cond is not None:
@@ -205,6 +231,13 @@ class DiffusersDenoiser(Denoiser):
                     "to sample unconditionally"
                 )
             cond = self.uncond
+        if self.prompts is not None and isinstance(cond, Tensor) and not cond.is_floating_point():
+            if cond.shape != (batch,) or int(cond.min()) < 0 or int(cond.max()) > self.num_classes:
+                raise FewstepError(
+                    f"prompt labels must be integers in [0, {self.num_classes}] of shape ({batch},), got "
+                    f"{tuple(cond.shape)}; label k is prompt k, {self.num_classes} the empty prompt"
+                )
+            cond = self.label_conditioning(cond)
         cond = check_text_conditioning(cond, batch, self.cond_spec, type(self.model).__name__)
         return cond.to(device=x.device, dtype=self.dtype)
 
@@ -284,7 +317,7 @@ class DiffusersDenoiser(Denoiser):
     def guided(self, scale: float | Tensor) -> Denoiser:
         """Classifier-free guidance (``fewstep.guidance.cfg`` calls this): text models use the
         unconditional embedding, class-conditional ones the null label."""
-        if self.conditioning == "text":
+        if self.conditioning == "text" and self.prompts is None:
             return TextGuidance(self, scale)
         from fewstep.guidance import CFGDenoiser
 

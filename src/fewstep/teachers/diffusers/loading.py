@@ -10,7 +10,11 @@ Two layouts are recognised:
 
 Weights must be safetensors. A text-conditioned teacher's unconditional embedding (for guidance)
 can be passed as ``uncond=`` or stored once as ``fewstep_uncond.safetensors`` in the pipeline
-folder (:func:`save_uncond`).
+folder (:func:`save_uncond`). A pipeline folder with ``text_encoder/``, ``tokenizer/`` and
+``fewstep_prompts.json`` (``{"prompts": [...], "num_classes": C}``, what ``fewstep teacher train
+--arch sd`` writes) loads with a prompt table: integer label ``k`` means prompt ``k``, encoded once
+by the pipeline's own text encoder, and shows class ``k % C`` — so ``fewstep distill``/``eval`` run
+on it with labels like any class-conditional teacher.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from fewstep.teachers.diffusers.conditioning import TextConditioning
 
 LATENT_MODELS = ("UNet2DConditionModel", "SD3Transformer2DModel")
 UNCOND_FILE = "fewstep_uncond.safetensors"
+PROMPTS_FILE = "fewstep_prompts.json"
 
 
 def _class_name(config: Path) -> str | None:
@@ -151,6 +156,7 @@ def load_diffusers(
     if uncond is None and (folder / UNCOND_FILE).is_file():
         t = load_tensors(folder / UNCOND_FILE)
         uncond = TextConditioning(t["encoder_hidden_states"], t.get("pooled"), t.get("time_ids"))
+    prompts, classes = _prompt_table(folder, torch_dtype) if uncond is not None else (None, None)
     den = DiffusersDenoiser(
         model,
         scheduler,
@@ -159,9 +165,32 @@ def load_diffusers(
         uncond=uncond,
         sigma_data=sigma_data,
         sigma_max=sigma_max,
+        prompts=prompts,
+        prompt_classes=classes,
     )
     den.source = str(folder)
     return den.eval().requires_grad_(False)
+
+
+def _prompt_table(folder: Path, torch_dtype) -> tuple[TextConditioning | None, list[int] | None]:
+    """The encoded prompts of ``fewstep_prompts.json`` and the class each shows, or ``(None, None)``."""
+    if not (folder / PROMPTS_FILE).is_file():
+        return None, None
+    if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
+        raise FewstepError(f"{folder} has {PROMPTS_FILE} but no text_encoder/ and tokenizer/ to encode them; copy them")
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from fewstep.teachers.text2image import encode_prompts
+
+    record = read_json(folder / PROMPTS_FILE)
+    prompts, classes = record.get("prompts"), int(record.get("num_classes", 0))
+    if not prompts or classes < 1:
+        raise FewstepError(f"{folder / PROMPTS_FILE} needs a non-empty 'prompts' list and 'num_classes' >= 1")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).eval()
+    hidden = encode_prompts(tokenizer, encoder, prompts)
+    hidden = hidden.to(torch_dtype) if torch_dtype is not None else hidden
+    return TextConditioning(hidden), [k % classes for k in range(len(prompts))]
 
 
 def save_uncond(folder: str | Path, uncond: TextConditioning) -> Path:

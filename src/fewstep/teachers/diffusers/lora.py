@@ -62,7 +62,17 @@ class LoRATeacher(Denoiser):
         self.lora_config = add_lora(base.model, rank, alpha, targets)
         object.__setattr__(self, "base", base)  # not a submodule: its network is the student's
         object.__setattr__(self, "_layers", _tuner_layers(base.model))
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "uncond", "vae"):
+        for k in (
+            "sigma_min",
+            "sigma_max",
+            "sigma_data",
+            "sample_shape",
+            "num_classes",
+            "uncond",
+            "vae",
+            "prompts",
+            "prompt_classes",
+        ):
             object.__setattr__(self, k, getattr(base, k))
         self.source = getattr(base, "source", None)
         self.rank = rank
@@ -79,7 +89,9 @@ class LoRATeacher(Denoiser):
         from fewstep.guidance import CFGDenoiser
         from fewstep.teachers.diffusers.conditioning import TextGuidance
 
-        return TextGuidance(self, scale) if self.base.conditioning == "text" else CFGDenoiser(self, scale)
+        if self.base.conditioning == "text" and self.base.prompts is None:
+            return TextGuidance(self, scale)
+        return CFGDenoiser(self, scale)
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.base.encode(images, generator)

@@ -153,6 +153,8 @@ def _rewrap(base: DiffusersDenoiser, model: nn.Module) -> DiffusersDenoiser:
         sigma_data=base.sigma_data,
         sigma_max=base.sigma_max,
         guidance_input=True,
+        prompts=base.prompts,
+        prompt_classes=base.prompt_classes,
     )
 
 

