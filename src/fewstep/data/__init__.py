@@ -295,7 +295,8 @@ def parse_data(
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FewstepError(
-            f"data {text!r} is neither a known data set (digits, mnist, {', '.join(TOYS)}) nor an existing folder of images"
+            f"data {text!r} is neither a known data set (digits, mnist, {', '.join(TOYS)}) nor an existing "
+            "folder of images"
         )
     root = root.resolve()
     resolution, channels = scan_folder(root, resolution, channels, convert)

@@ -197,7 +197,8 @@ def render(results: dict) -> str:
     lines += [
         f"- teacher: `{results['teacher']}`" + (f"; method: `{results['method']}`" if results["method"] else ""),
         f"- protocol: {p['n']} samples × {p['repeats']} seed range(s) (sample *i* from seed *i*), labels uniform, "
-        f"teacher guidance {p.get('guidance', 1.0):g}; FID/KID/precision/recall (k=3) in the features `{p['features']}` ({p['feature_dim']}-d)"
+        f"teacher guidance {p.get('guidance', 1.0):g}; FID/KID/precision/recall (k=3) in the features "
+        f"`{p['features']}` ({p['feature_dim']}-d)"
         + (f", held-out accuracy of the feature network {100 * acc:.2f}%"
            + (" (rotation prediction: the data has no labels)" if p.get("classifier_task") == "rotation" else "")
            + (f" on `{p['classifier_test_split']}`" if p.get("classifier_test_split") else "")
