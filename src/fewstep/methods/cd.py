@@ -20,7 +20,10 @@ LCM options (``preset lcm`` registers them as defaults):
   drawn uniformly per sample; in fewstep's convention (:mod:`fewstep.guidance`) ``w = w' + 1``,
   so ``guidance = (w_min, w_max)`` is a range of ``w``. The student sees ``w'`` as an extra scalar
   input (``ConsistencyStudent(..., extra=w')``, embedded like the noise level; LCM embeds it with
-  a sinusoidal "guidance embedding" too) and samples at ``sample_guidance``;
+  a sinusoidal "guidance embedding" too) and samples at ``sample_guidance``. With
+  ``guidance_input=False`` (the default for a LoRA student, which cannot add an input) the student
+  gets no ``w'``: the guided teacher steps at the drawn ``w`` train a student without that input,
+  as LCM-LoRA (Luo et al. 2023, arXiv 2311.05556) and diffusers' ``train_lcm_distill_lora_sd_wds.py`` do;
 - the pseudo-Huber distance ``sqrt(d^2 + c^2) - c`` with ``c = 0.001`` (diffusers' LCM script).
 
 Sampling is multistep consistency sampling (Algorithm 1): ``x0 = f(sigma_max z, sigma_max)``, then
@@ -80,6 +83,7 @@ class CDConfig:
     huber_c: float = 0.001  # c of the pseudo-Huber distance (LCM)
     guidance: tuple[float, float] | None = None  # LCM: range of w (fewstep convention, w = w' + 1)
     sample_guidance: float = 1.0  # w the student is asked for when sampling (with guidance on)
+    guidance_input: bool | None = None  # the student sees w' (None: yes, unless the student is a LoRA)
     sample_sigmas: tuple[float, ...] = (0.821,)  # 2-step level (CM paper, CIFAR-10); others: Karras
     dropout: float | None = 0.0  # student dropout (None: the teacher's); the target runs without
     lr: float = 4e-4
@@ -110,7 +114,10 @@ class ConsistencyDistillation(Method):
                 raise FewstepError("guidance (LCM) needs a class-conditional teacher; drop --guidance for this one")
             if not 0 <= c.guidance[0] <= c.guidance[1]:
                 raise FewstepError(f"guidance range must be (w_min, w_max) with 0 <= w_min <= w_max, got {c.guidance}")
-        extra_dims = 1 if c.guidance is not None else 0
+        if c.guidance_input is None:  # a LoRA cannot add LCM's w input: LCM-LoRA's recipe (no w input)
+            c.guidance_input = getattr(teacher, "accepts_extra_inputs", True)
+        self.w_input = c.guidance is not None and c.guidance_input
+        extra_dims = 1 if self.w_input else 0
         self.student = student if student is not None else consistency_student(teacher, extra_dims)
         set_dropout(self.student, c.dropout)
         self.target = copy.deepcopy(self.student).requires_grad_(False)  # theta^-
@@ -152,7 +159,7 @@ class ConsistencyDistillation(Method):
     ) -> Tensor:
         """Per-sample ``d(f_theta(x_{t_hi}, t_hi), f_{theta^-}(Solver(x_{t_hi}, t_hi -> t_lo), t_lo))``."""
         x_hi = x0 + t_hi.reshape(-1, *[1] * (x0.ndim - 1)) * noise
-        extra = None if w is None else (w - 1)[:, None]  # the student is told w' = w - 1
+        extra = (w - 1)[:, None] if self.w_input else None  # the student is told w' = w - 1
         with torch.no_grad():
             x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, w)
             target = self.target(x_lo, t_lo, cond, extra)
@@ -173,7 +180,7 @@ class ConsistencyDistillation(Method):
         c, smin = self.config, self.teacher.sigma_min
         sigmas = sampling_sigmas(steps, smin, self.teacher.sigma_max, c.sample_sigmas)
         w = c.sample_guidance if guidance is None else guidance
-        extra = None if c.guidance is None else (expand_like(w, noise) - 1)[:, None]
+        extra = (expand_like(w, noise) - 1)[:, None] if self.w_input else None
         return renoise_sample(self.student, noise, sigmas, cond, extra, sigma_min=smin)
 
 

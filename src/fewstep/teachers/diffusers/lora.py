@@ -99,6 +99,8 @@ class LoRATeacher(Denoiser):
     def decode(self, latents: Tensor) -> Tensor:
         return self.base.decode(latents)
 
+    accepts_extra_inputs = False  # adapters cannot add a network input (LCM's w embedding)
+
     # the students share this teacher's network
     def consistency_student(self, extra_dims: int = 0) -> LoRAStudent:
         from fewstep.teachers.diffusers.students import LCMStudent
@@ -164,10 +166,16 @@ class LoRAStudent(nn.Module):
 
 
 def load_lora_teacher(spec: str) -> LoRATeacher:
-    """``lora:<rank>:<folder>`` -> a :class:`LoRATeacher` over the diffusers teacher in ``folder``."""
+    """``lora:<rank>:<folder>`` -> a :class:`LoRATeacher` over the diffusers teacher in ``folder``
+    (or a shipped one: ``lora:64:builtin:mnist-sd``)."""
     from fewstep.teachers.diffusers.loading import load_diffusers
 
     parts = spec.split(":", 2)
     if len(parts) != 3 or not parts[1].isdigit():
         raise FewstepError(f"LoRA teacher spec {spec!r} must read lora:<rank>:<folder>, e.g. lora:64:models/sd")
-    return LoRATeacher(load_diffusers(parts[2]), rank=int(parts[1]))
+    folder = parts[2]
+    if folder.startswith("builtin:"):
+        from fewstep.teachers import builtin_path
+
+        folder = builtin_path(folder.split(":", 1)[1])
+    return LoRATeacher(load_diffusers(folder), rank=int(parts[1]))

@@ -1,0 +1,43 @@
+#!/bin/bash
+# Benchmark tier 2 (docs/benchmarks.md, "Tier 2: a latent text-to-image teacher"): methods on the
+# shipped SD-shaped MNIST pipeline builtin:mnist-sd (VAE 32x32 -> 4x8x8, CLIP text encoder, UNet with
+# cross-attention; labels stand for its 30 evaluation prompts), in the guided setting: the student must
+# reproduce the teacher guided at W (the teacher's best scale for FID, measured by bench/tier2_teacher.sh).
+# Distil with a wall-clock budget, then `fewstep eval` against the guided teacher with DPM-Solver++(2M)
+# at 25 NFE as the reference (what SD users run) and Euler/DPM-Solver++ baselines at 1-8 NFE:
+#
+#   W=3 bash bench/tier2_methods.sh runs/t2 lcm_lora dmd2 &  W=3 bash bench/tier2_methods.sh runs/t2 lcm sid &
+#
+# Fields: run name, teacher, method, minutes, batch, method options ("W" is replaced by the scale,
+# "W1" by W - 1). Method defaults follow each paper's Stable Diffusion setting where one exists:
+# lcm_lora = LCM-LoRA (rank 64, lr 1e-4, no target copy, no w input, DDIM skip over 50 steps, as
+# diffusers' train_lcm_distill_lora_sd_wds.py), lcm = full-UNet LCM with LCM's w input (lr raised from
+# SD's 1e-6 for a 15-minute budget), dmd2 / sid with the guided real score.
+# EVAL_ARGS (default: the quick protocol, 2,000 samples x 1 seed range) is passed to `fewstep eval`.
+set -euo pipefail
+ROOT=${1:?usage: tier2_methods.sh OUT_ROOT NAME...}
+shift
+W=${W:?set W, the guidance scale of the guided setting (bench/tier2_teacher.sh)}
+W1=$(python3 -c "print($W - 1)")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1}
+FEWSTEP=${FEWSTEP:-.venv/bin/fewstep}
+T=builtin:mnist-sd
+RUNS="
+lcm_lora   lora:64:$T  lcm   15 16 guidance=W,W lr=1e-4 target_decay=0 distance=l2 weight_decay=0.01 grad_clip=1
+lcm        $T          lcm   15 32 guidance=W,W sample_guidance=W lr=1e-4
+cd         $T          cd    15 32 guidance=W,W guidance_input=false
+dmd2       $T          dmd2  15 32 guidance=W lr=1e-5 fake_lr=1e-5
+sid        $T          sid   15 32 guidance=W
+kd         $T          kd    15 64 guidance=W
+"
+EVAL=${EVAL_ARGS:---n 2000 --seeds 1}
+for want in "$@"; do
+  line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
+  [ -n "$line" ] || { echo "unknown run $want" >&2; exit 2; }
+  read -r name teacher method minutes batch opts <<<"$line"
+  sets=(); for kv in $opts; do kv=${kv//W1/$W1}; sets+=(--set "${kv//W/$W}"); done
+  $FEWSTEP distill --teacher "$teacher" --method "$method" --data mnist --out "$ROOT/$name" --overwrite \
+    --minutes "$minutes" --batch "$batch" --checkpoint-every 100000 "${sets[@]}"
+  $FEWSTEP eval "$ROOT/$name" --guidance "$W" --teacher-solver dpmpp_2m --teacher-nfe 25 \
+    --baselines euler,dpmpp_2m --baseline-nfe 1,2,4,8 $EVAL
+done
