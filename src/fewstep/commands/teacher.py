@@ -58,10 +58,12 @@ def _train_sd(args, spec, net: dict) -> int:
     from fewstep.train.latent_teacher import LatentTeacherOptions, train_latent_teacher
 
     if args.resume or net:
-        raise FewstepError("--arch sd trains from scratch with its own sizes; drop --resume/--net")
+        raise FewstepError(
+            "--arch sd trains with its own sizes and cannot --resume; continue a pipeline with --init FOLDER"
+        )
     options = LatentTeacherOptions(
         minutes=args.minutes, steps=args.steps, batch=args.batch or 128, lr=args.lr if args.lr_given else 5e-4,
-        empty_prompts=args.label_dropout, seed=args.seed,
+        empty_prompts=args.label_dropout, seed=args.seed, init=args.init,
     )  # fmt: skip
     if Path(args.out).exists() and not args.overwrite:
         raise FewstepError(f"{args.out} exists; pass --overwrite to replace it, or choose another --out")
@@ -85,6 +87,7 @@ def register(sub) -> None:
     t.add_argument("--steps", type=int, default=None, help="iteration budget")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    t.add_argument("--init", default=None, help="--arch sd: train the UNet of this pipeline folder further (new --out)")
     t.add_argument(
         "--arch", choices=("unet", "mlp", "sd"), default=None,
         help="default: unet for images, mlp for vectors; sd: a latent text-to-image diffusers pipeline "

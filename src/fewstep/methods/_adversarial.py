@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fewstep.conversions import flow_t_to_sigma, vp_sigmas
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
-from fewstep.networks.discriminator import FeatureNetwork, ImageFeatures, TeacherFeatures
+from fewstep.networks.discriminator import FeatureNetwork, ImageFeatures, teacher_features
 
 FEATURES = ("teacher", "teacher-bottleneck", "classifier")
 
@@ -94,10 +94,8 @@ def feature_network(spec: str | nn.Module, teacher: Denoiser, trainable: bool = 
         return spec
     if isinstance(spec, nn.Module):
         return ImageFeatures(spec)
-    if spec == "teacher":
-        return TeacherFeatures(teacher, "multi", trainable)
-    if spec == "teacher-bottleneck":
-        return TeacherFeatures(teacher, "bottleneck", trainable)
+    if spec in ("teacher", "teacher-bottleneck"):
+        return teacher_features(teacher, "multi" if spec == "teacher" else "bottleneck", trainable)
     if spec == "classifier":
         if tuple(teacher.sample_shape) != (1, 8, 8):
             raise FewstepError("the shipped classifier reads 1x8x8 digits; use features=teacher for this teacher")

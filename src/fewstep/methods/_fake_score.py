@@ -45,11 +45,14 @@ from fewstep.teachers.analytic import GaussianMixture
 def make_fake_score(teacher: Denoiser) -> Denoiser:
     """A trainable copy of ``teacher`` (DMD Sec. 3.2: "initialised from the real diffusion model").
 
-    EDM-preconditioned fewstep networks are deep-copied; a :class:`GaussianMixture` becomes a mixture
+    EDM-preconditioned fewstep networks are deep-copied, a diffusers teacher gives a trainable copy of
+    its network with its own formulation; a :class:`GaussianMixture` becomes a mixture
     whose ``means`` and ``stds`` are parameters. The copy is in train mode with gradients enabled.
     """
     if isinstance(teacher, EDMDenoiser):
         return copy.deepcopy(teacher).train().requires_grad_(True)
+    if type(teacher).__name__ == "DiffusersDenoiser":  # a diffusers copy with the teacher's formulation
+        return teacher.trainable_copy().train().requires_grad_(True)
     if isinstance(teacher, GaussianMixture):
         fake = copy.deepcopy(teacher)
         fake.means = nn.Parameter(fake.means.detach().clone())  # replaces the buffer

@@ -141,9 +141,9 @@ class ConsistencyTrajectoryModel(Method):
         self.discriminator = self._build_discriminator() if c.gan_weight > 0 else None
 
     def _build_discriminator(self) -> nn.Module:
-        from fewstep.networks.discriminator import Discriminator, TeacherFeatures
+        from fewstep.networks.discriminator import Discriminator, teacher_features
 
-        feats = TeacherFeatures(self.teacher, "multi")
+        feats = teacher_features(self.teacher, "multi")
         return Discriminator(feats, self.teacher.sample_shape, self.teacher.num_classes)
 
     def networks(self) -> dict[str, nn.Module]:

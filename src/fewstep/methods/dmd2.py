@@ -32,7 +32,7 @@ before the fake score in an iteration; no EMA anywhere — the raw generator is 
 
 Deviations: the classifier head (the reference's ``cls_pred_branch``: conv 4x4/2, conv to 1x1, 1x1
 conv to a logit) is sized to fewstep's UNet bottleneck, read through
-:class:`~fewstep.networks.discriminator.TeacherFeatures`; multi-step sampling re-noises with the
+:func:`~fewstep.networks.discriminator.teacher_features`; multi-step sampling re-noises with the
 global RNG; psi's DSM and the GAN use fresh generator samples rather than the generator step's (the
 same distribution).
 
@@ -58,7 +58,7 @@ from fewstep.losses import dm_gradient, dm_loss
 from fewstep.methods import register
 from fewstep.methods._fake_score import KarrasSigmaSampler, dsm_loss, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
-from fewstep.networks.discriminator import TeacherFeatures, d_loss, g_loss, no_param_grad
+from fewstep.networks.discriminator import d_loss, g_loss, no_param_grad, teacher_features
 from fewstep.solvers import renoise_sample
 from fewstep.students import copy_teacher, set_dropout
 
@@ -145,7 +145,7 @@ class DMD2(Method):
         self.default_steps = tuple(k for k in (1, 2, 4, 8) if K % k == 0)
         if c.gan:  # bottleneck features of psi (trained with it) or of the frozen teacher
             source = self.fake_score if c.gan_features == "fake" else self.teacher
-            self.features = TeacherFeatures(source, levels="bottleneck")  # not a network: shares weights
+            self.features = teacher_features(source, levels="bottleneck")  # not a network: shares weights
             with torch.no_grad():
                 (h,) = self.features(torch.zeros((1, *teacher.sample_shape)), torch.ones(1))
             if h.ndim != 4:

@@ -47,7 +47,7 @@ from fewstep.methods import register
 from fewstep.methods._fake_score import dsm_loss, eval_mode, generator_inputs
 from fewstep.methods.base import Batch
 from fewstep.methods.sid import SiD, SiDConfig, sid_generator_loss, sid_sigma
-from fewstep.networks.discriminator import TeacherFeatures, no_param_grad
+from fewstep.networks.discriminator import no_param_grad, teacher_features
 from fewstep.schedules import sample_lognormal
 
 
@@ -79,7 +79,7 @@ class SiDA(SiD):
         super().__init__(teacher, config, student)
         if not isinstance(self.fake_score, EDMDenoiser):
             raise FewstepError("sida's discriminator is the fake score's UNet encoder; it needs a UNet teacher")
-        self.encoder = TeacherFeatures(self.fake_score, levels="bottleneck")  # psi's weights, shared
+        self.encoder = teacher_features(self.fake_score, levels="bottleneck")  # psi's weights, shared
         with torch.no_grad():
             (h,) = self.encoder(torch.zeros((1, *teacher.sample_shape)), torch.ones(1))
         if h.ndim != 4:

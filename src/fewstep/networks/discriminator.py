@@ -30,7 +30,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -174,6 +174,62 @@ class TeacherFeatures(FeatureNetwork):
         return fn(self.net, append_dims(c_in, x.ndim) * x, c_noise, labels, self.multi)
 
 
+class _Stop(Exception):
+    """Ends a diffusers UNet's forward pass once its middle block has run."""
+
+
+class DiffusersFeatures(FeatureNetwork):
+    """A diffusers teacher's ``UNet2DConditionModel``/``UNet2DModel`` read at noise level ``sigma``:
+    the output of each down block (multi) and of the middle block, caught by forward hooks (the
+    decoder never runs). The teacher's own input scaling, timestep and conditioning (its prompt
+    table's labels; ``None`` = the unconditional embedding) are used. ``trainable=True`` reads a
+    trainable copy of the network (UFOGen, SDXL-Lightning)."""
+
+    def __init__(self, teacher: Any, levels: str = "multi", trainable: bool = False) -> None:
+        super().__init__()
+        if levels not in ("bottleneck", "multi"):
+            raise FewstepError(f"levels must be 'bottleneck' or 'multi', got {levels!r}")
+        if not hasattr(teacher.model, "mid_block"):
+            raise FewstepError(f"{type(teacher.model).__name__} has no UNet encoder to read features from")
+        self.den = teacher.trainable_copy().train().requires_grad_(True) if trainable else teacher
+        self.trainable, self.multi = trainable, levels == "multi"
+        self.sigma_min, self.num_classes = teacher.sigma_min, teacher.num_classes
+
+    def forward(self, x: Tensor, sigma: Tensor | None = None, labels: Tensor | None = None) -> list[Tensor]:
+        if sigma is None:
+            raise FewstepError("teacher features need the noise level sigma of x")
+        den, model, feats = self.den, self.den.model, []
+        sigma = as_sigma(sigma, x).clamp_min(self.sigma_min)
+        cond = den._check_cond(labels, x.shape[0], x)
+        a, _, t = den.formulation.native(sigma)
+
+        def keep(_m, _i, out):
+            feats.append(out[0] if isinstance(out, tuple) else out)
+
+        def stop(m, i, out):
+            keep(m, i, out)
+            raise _Stop
+
+        hooks = [b.register_forward_hook(keep) for b in model.down_blocks] if self.multi else []
+        hooks.append(model.mid_block.register_forward_hook(stop))
+        try:
+            den.network(x * append_dims(a, x.ndim), t, cond)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return [f.to(x.dtype) for f in feats]
+
+
+def teacher_features(teacher: Any, levels: str = "multi", trainable: bool = False) -> FeatureNetwork:
+    """The features of a denoiser's own network: :class:`DiffusersFeatures` for a diffusers teacher,
+    else :class:`TeacherFeatures`."""
+    if type(teacher).__name__ == "DiffusersDenoiser":
+        return DiffusersFeatures(teacher, levels, trainable)
+    return TeacherFeatures(teacher, levels, trainable)
+
+
 class ImageFeatures(FeatureNetwork):
     """Any frozen image network ``f(x) -> Tensor | list[Tensor]`` on clean samples; ``sigma`` and
     ``labels`` are ignored (ADD's DINOv2 role). ``f`` is frozen in place."""
@@ -293,6 +349,8 @@ __all__ = [
     "Head",
     "ImageFeatures",
     "TeacherFeatures",
+    "DiffusersFeatures",
+    "teacher_features",
     "approx_r1_penalty",
     "d_loss",
     "g_loss",

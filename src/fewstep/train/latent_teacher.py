@@ -52,6 +52,9 @@ class LatentTeacherOptions:
     ema_power: float = 2 / 3
     seed: int = 0
     sizes: dict | None = None  # per part, over fewstep.teachers.text2image.SIZES
+    init: str | None = (
+        None  # a pipeline folder this trainer wrote: keep its VAE and text encoder, train its UNet further
+    )
 
 
 def _budget(o: LatentTeacherOptions, share: float) -> tuple[float | None, int | None]:
@@ -125,8 +128,11 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     parts = build_components(data.x.shape[-1], data.x.shape[1], words.split(), tmp, o.seed, o.sizes)
+    before = {}
+    if o.init is not None:
+        parts, before = _continue(Path(o.init), tmp, parts["scheduler"])
     vae, unet, text_encoder, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
-    gen = torch.Generator().manual_seed(o.seed)
+    gen = torch.Generator().manual_seed(o.seed + len(before))
     x_all, y_all = data.x, data.labels
     n = len(x_all)
 
@@ -144,7 +150,8 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
         opt.step()
         return loss.item()
 
-    vae_steps = _loop("vae", *_budget(o, o.vae_share), vae_step)
+    share = 0.0 if o.init is not None else o.vae_share
+    vae_steps = _loop("vae", *_budget(o, share), vae_step) if share else 0
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         stats = [vae.encode(x_all[i : i + 256]).latent_dist for i in range(0, n, 256)]
@@ -153,6 +160,8 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
         recon = torch.cat([vae.decode(m[None]).sample for m in mean[:256]])
         rec_mse = F.mse_loss(recon, x_all[:256]).item()
     scaling = 1.0 / torch.cat([mean + std * torch.randn(mean.shape, generator=gen)]).std().item()
+    if o.init is not None:
+        scaling = vae.config.scaling_factor  # the UNet learned latents at this scale
     vae.register_to_config(scaling_factor=scaling)
 
     # --- stage 2: the UNet ------------------------------------------------------------------------
@@ -185,7 +194,7 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
         ema.step(unet.parameters())
         return loss.item()
 
-    unet_steps = _loop("unet", *_budget(o, 1 - o.vae_share), unet_step)
+    unet_steps = _loop("unet", *_budget(o, 1 - share), unet_step)
     ema.copy_to(unet.parameters())
     unet.eval()
 
@@ -199,7 +208,9 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
     atomic_write_json(tmp / "fewstep_prompts.json", {"prompts": prompts, "num_classes": data.num_classes})
     info = {
         "data": data.spec.to_dict() if data.spec is not None else data.name, "options": asdict(o),
-        "vae_steps": vae_steps, "unet_steps": unet_steps, "vae_reconstruction_mse": rec_mse,
+        "vae_steps": vae_steps + before.get("vae_steps", 0), "unet_steps": unet_steps + before.get("unet_steps", 0),
+        "stages": [*before.get("stages", [before] if before else []), {"unet_steps": unet_steps, "options": asdict(o)}],
+        "vae_reconstruction_mse": rec_mse,
         "scaling_factor": scaling, "unet_params": sum(p.numel() for p in unet.parameters()),
         "vae_params": sum(p.numel() for p in vae.parameters()),
         "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
@@ -210,6 +221,23 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
         shutil.rmtree(out)
     tmp.rename(out)
     return pipe
+
+
+def _continue(init: Path, tmp: Path, scheduler) -> tuple[dict, dict]:
+    """The parts of a pipeline this trainer wrote (its tokenizer copied into ``tmp``) and its record."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.io import read_json
+
+    if not (init / "fewstep_teacher.json").is_file():
+        raise FewstepError(f"--init {init} is not a pipeline that `fewstep teacher train --arch sd` wrote")
+    pipe = StableDiffusionPipeline.from_pretrained(init)
+    pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+    parts = {"vae": pipe.vae, "text_encoder": pipe.text_encoder.eval().requires_grad_(False),
+             "tokenizer": pipe.tokenizer, "unet": pipe.unet, "scheduler": scheduler}  # fmt: skip
+    record = read_json(init / "fewstep_teacher.json")
+    record.pop("options", None)
+    return parts, record
 
 
 def _class_names(data) -> list[str]:
