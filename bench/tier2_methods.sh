@@ -8,6 +8,8 @@
 #
 #   W=3 bash bench/tier2_methods.sh runs/t2 lcm_lora dmd2 &  W=3 bash bench/tier2_methods.sh runs/t2 lcm sid &
 #
+# "peer" runs diffusers' train_lcm_distill_lora_sd_wds.py (adapted: bench/peer_lcm_lora_sd.py) for the same
+# 15 minutes at w' = W - 1 and scores its LoRA through bench/peer_to_run.py with the same `fewstep eval`.
 # Fields: run name, teacher, method, minutes, batch, method options ("W" is replaced by the scale,
 # "W1" by W - 1). Method defaults follow each paper's Stable Diffusion setting where one exists:
 # lcm_lora = LCM-LoRA (rank 64, lr 1e-4, no target copy, no w input, DDIM skip over 50 steps, as
@@ -30,14 +32,26 @@ dmd2       $T          dmd2  15 32 guidance=W lr=1e-5 fake_lr=1e-5
 sid        $T          sid   15 32 guidance=W
 kd         $T          kd    15 64 guidance=W
 "
-EVAL=${EVAL_ARGS:---n 2000 --seeds 1}
+EVAL=${EVAL_ARGS:---n 2000 --seeds 1 --fidelity-n 100}
+PY=${PY:-.venv/bin/python}
+evaluate() {
+  $FEWSTEP eval "$1" --guidance "$W" --teacher-solver dpmpp_2m --teacher-nfe 25 \
+    --baselines euler,dpmpp_2m --baseline-nfe 1,2,4,8 $EVAL
+}
 for want in "$@"; do
+  if [ "$want" = peer ]; then  # diffusers' own LCM-LoRA script (bench/peer_lcm_lora_sd.py), its defaults, batch 16
+    $PY bench/peer_lcm_lora_sd.py --pretrained_teacher_model src/fewstep/assets/mnist-sd --output_dir "$ROOT/peer" \
+      --resolution 32 --mixed_precision no --dataloader_num_workers 0 --max_train_steps 1000000 \
+      --max_train_minutes 15 --seed 0 --train_batch_size 16 --w_min "$W1" --w_max "$W1"
+    $PY bench/peer_to_run.py --peer "$ROOT/peer" --out "$ROOT/peer_run" --overwrite
+    evaluate "$ROOT/peer_run"
+    continue
+  fi
   line=$(echo "$RUNS" | awk -v n="$want" '$1 == n')
   [ -n "$line" ] || { echo "unknown run $want" >&2; exit 2; }
   read -r name teacher method minutes batch opts <<<"$line"
   sets=(); for kv in $opts; do kv=${kv//W1/$W1}; sets+=(--set "${kv//W/$W}"); done
   $FEWSTEP distill --teacher "$teacher" --method "$method" --data mnist --out "$ROOT/$name" --overwrite \
     --minutes "$minutes" --batch "$batch" --checkpoint-every 100000 "${sets[@]}"
-  $FEWSTEP eval "$ROOT/$name" --guidance "$W" --teacher-solver dpmpp_2m --teacher-nfe 25 \
-    --baselines euler,dpmpp_2m --baseline-nfe 1,2,4,8 $EVAL
+  evaluate "$ROOT/$name"
 done

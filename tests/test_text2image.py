@@ -168,3 +168,58 @@ img = pipe("a handwritten 3", num_inference_steps=4, guidance_scale=1.0, output_
 print(img.shape)
 """)
     assert out.split() == ["(1,", "32,", "32,", "1)"]
+
+
+def test_unet_encoder_features_skip_the_decoder(sd_folder):
+    from fewstep.networks.discriminator import DiffusersFeatures, teacher_features
+    from fewstep.teachers import load_teacher
+
+    teacher = load_teacher(sd_folder)
+    feats = teacher_features(teacher, "multi")
+    assert isinstance(feats, DiffusersFeatures)
+    ran = []
+    hook = teacher.model.up_blocks[0].register_forward_hook(lambda *a: ran.append(1))
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    out = feats(x, torch.tensor([1.0, 5.0]), torch.tensor([3, 30]))
+    hook.remove()
+    assert not ran and len(out) == len(teacher.model.down_blocks) + 1
+    assert [tuple(f.shape[1:]) for f in out] == [(64, 4, 4), (128, 4, 4), (128, 4, 4)]
+    out[-1].sum().backward()  # the generator's gradient reaches x through the frozen teacher
+    assert x.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())
+    bottleneck = teacher_features(teacher, "bottleneck", trainable=True)
+    assert len(bottleneck(x.detach(), torch.ones(2))) == 1
+    assert bottleneck.den.model is not teacher.model and any(p.requires_grad for p in bottleneck.parameters())
+
+
+@pytest.mark.parametrize("method", ["dmd2", "sid", "ufogen", "lightning"])
+def test_distribution_matching_and_adversarial_methods_run_on_a_text_teacher(sd_folder, method):
+    from fewstep.teachers import load_teacher
+    from fewstep.train import distill
+
+    teacher = load_teacher(sd_folder)
+    options = {"guidance": 2.0} if method in ("dmd2", "sid") else {}
+    m = distill(teacher, method, max_steps=1, data="mnist", batch=4, options=options, sample_n=0)
+    assert all(p.grad is None for p in teacher.parameters())  # frozen: no gradient reached it
+    fake = getattr(m, "fake_score", None)
+    if fake is not None:  # a trainable diffusers copy of the teacher
+        assert type(fake).__name__ == "DiffusersDenoiser" and fake.model is not teacher.model
+    x = m.sample(torch.randn(2, 4, 8, 8), 1, cond=torch.tensor([3, 13]))
+    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
+
+
+def test_lcm_lora_takes_no_guidance_input_and_steps_the_guided_teacher(sd_folder):
+    from fewstep.guidance import cfg
+    from fewstep.methods import get_method
+    from fewstep.solvers import ode_step
+    from fewstep.teachers import load_teacher
+
+    lora = load_teacher(f"lora:4:{sd_folder}")
+    m = get_method("lcm")(lora, get_method("lcm").Config(guidance=(3.0, 3.0)))
+    assert m.w_input is False and m.config.guidance_input is False  # LCM-LoRA: no w embedding
+    assert m.student.model.config.time_cond_proj_dim is None
+    full = get_method("lcm")(load_teacher(sd_folder), get_method("lcm").Config(guidance=(3.0, 3.0)))
+    assert full.w_input is True and full.student.model.config.time_cond_proj_dim == 256
+    x, t, s, y = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 2.0]), torch.tensor([4.0, 1.0]), torch.tensor([3, 8])
+    w = torch.full((2,), 3.0)
+    expected = ode_step(cfg(lora, w), x, t, s, y, m.config.solver)
+    assert torch.allclose(m.teacher_step(x, t, s, y, w), expected)

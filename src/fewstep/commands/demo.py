@@ -8,6 +8,12 @@ The budget: ``--minutes`` of distillation (default 6), then a quick evaluation â
 one seed range, baselines at 1/2/4/8 NFE, fidelity on 200 seeds (the benchmark protocol uses
 10,000 Ã— 3 and NFE up to 35; ``fewstep eval RUN`` re-measures with it).
 The teacher's baseline rows are cached, so a second demo spends its time on the student only.
+
+``--tier 2`` runs the same path on the shipped latent text-to-image teacher ``builtin:mnist-sd``
+(a stock diffusers StableDiffusionPipeline: VAE, CLIP text encoder, UNet with cross-attention):
+an LCM-LoRA student (rank 64) distilled from the teacher guided at ``TIER2["guidance"]``, scored
+against that guided teacher with DPM-Solver++(2M) at 25 NFE (what SD users run) as the reference,
+the VAE-decoded samples in the shipped MNIST classifier's features, label accuracy against the prompt.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ from fewstep.errors import FewstepError
 # on digits" in docs/benchmarks.md ranks them all). "denoise" (not a distillation) keeps the demo
 # alive on a bare install.
 PREFERENCE = ("cd", "kd", "tract", "progressive", "sid", "ctm", "dmd2", "denoise")
+# tier 2 (docs/benchmarks.md, "Tier 2"): the guided setting's scale and the LCM-LoRA recipe of
+# bench/tier2_methods.sh (lcm_lora)
+TIER2 = {
+    "teacher": "lora:64:builtin:mnist-sd", "method": "lcm", "data": "mnist", "guidance": 3.0, "batch": 16,
+    "options": {"lr": 1e-4, "target_decay": 0.0, "distance": "l2", "weight_decay": 0.01, "grad_clip": 1.0},
+}  # fmt: skip
 
 
 def pick_method(name: str | None) -> str:
@@ -43,14 +55,22 @@ def run(args) -> int:
     from fewstep.eval.pipeline import evaluate, resolve
     from fewstep.train import distill
 
-    method = pick_method(args.method)
-    out = Path(args.out or f"runs/demo-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    tier2 = args.tier == 2
+    method = TIER2["method"] if tier2 and not args.method else pick_method(args.method)
+    teacher = TIER2["teacher"] if tier2 and args.teacher is None else (args.teacher or "builtin:digits")
+    out = Path(args.out or f"runs/demo{'-t2' if tier2 else ''}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
     settings = settings_from(args)
     settings.speed_repeats = 3
+    kw: dict = {}
+    if tier2:
+        w = TIER2["guidance"]
+        settings.guidance, settings.teacher_solver, settings.teacher_nfe = w, "dpmpp_2m", 25
+        settings.baseline_solvers, settings.baseline_nfe = ("euler", "dpmpp_2m"), (1, 2, 4)
+        kw = {"data": TIER2["data"], "batch": TIER2["batch"], "options": {**TIER2["options"], "guidance": (w, w)}}
     settings.check()
     t0 = time.time()
-    print(f"fewstep demo: distilling {args.teacher} with {method} for {args.minutes} min into {out}", flush=True)
-    distill(args.teacher, method, max_steps=None, out=out, minutes=args.minutes, seed=args.seed, sample_n=0)
+    print(f"fewstep demo: distilling {teacher} with {method} for {args.minutes} min into {out}", flush=True)
+    distill(teacher, method, max_steps=None, out=out, minutes=args.minutes, seed=args.seed, sample_n=0, **kw)
     print(f"evaluating {n_text(settings)} against the teacher and fast samplers", flush=True)
     results = evaluate(resolve(out), settings, out, progress=lambda m: print(f"  {m}", flush=True))
     print()
@@ -66,7 +86,14 @@ def n_text(s) -> str:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="distill the shipped digits teacher and report (about 10 minutes on 2 CPUs)")
     p.add_argument("--method", default=None, help=f"method to run (default: the first available of {PREFERENCE})")
-    p.add_argument("--teacher", default="builtin:digits")
+    p.add_argument("--teacher", default=None, help="default: builtin:digits (tier 2: LoRA on builtin:mnist-sd)")
+    p.add_argument(
+        "--tier",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: the latent text-to-image teacher builtin:mnist-sd, guided, with an LCM-LoRA student",
+    )
     p.add_argument("--minutes", type=float, default=6.0, help="distillation budget (default 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default runs/demo-METHOD-TIMESTAMP)")
