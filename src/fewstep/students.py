@@ -66,7 +66,7 @@ def set_dropout(module: nn.Module, p: float | None) -> None:
     for m in module.modules():
         if isinstance(m, nn.Dropout):
             m.p = p
-        elif isinstance(getattr(m, "dropout", None), float):
+        elif isinstance(vars(m).get("dropout"), float):  # an instance attribute (not a diffusers config's)
             m.dropout = p
         config = getattr(m, "config", None)
         if dataclasses.is_dataclass(config) and isinstance(getattr(config, "dropout", None), float):

@@ -57,6 +57,8 @@ def add_protocol_args(p, n_default: int = 10000, seeds_default: int = 3) -> None
         help="the teacher's reference solver (heun; dpmpp_2m: DPM-Solver++(2M), what SD users run)",
     )
     p.add_argument("--teacher-nfe", type=int, default=35, help="the reference's NFE (35; SD's DPM-Solver++: 25)")
+    p.add_argument("--speed-batch", type=int, default=256, help="batch of the latency measurement (default 256)")
+    p.add_argument("--speed-repeats", type=int, default=5, help="timed batches per sampler, after a warm-up (5)")
 
 
 def settings_from(args):
@@ -66,7 +68,8 @@ def settings_from(args):
     return EvalSettings(n=args.n, repeats=args.seeds, features=args.features, feature_weights=args.feature_weights,
                         data=data_spec(args), fidelity_n=args.fidelity_n, baseline_solvers=args.baselines,
                         baseline_nfe=args.baseline_nfe, cache=not args.no_cache, guidance=args.guidance,
-                        teacher_solver=args.teacher_solver, teacher_nfe=args.teacher_nfe)  # fmt: skip
+                        teacher_solver=args.teacher_solver, teacher_nfe=args.teacher_nfe,
+                        speed_batch=args.speed_batch, speed_repeats=args.speed_repeats)  # fmt: skip
 
 
 def run(args) -> int:
