@@ -102,9 +102,13 @@ def _mean_std(v: list[float]) -> tuple[float, float]:
 
 
 def model_digest(model: Denoiser) -> str:
-    """A short hash of a model's weights and buffers (keys cached teacher rows)."""
+    """A short hash of a model's weights and buffers (keys cached teacher rows). A LoRA teacher
+    (which registers no weights of its own) is its base network without the adapters: the same
+    digest as the plain teacher, whatever its student's adapters hold."""
+    base = getattr(model, "base", None)
+    state = (base if base is not None and hasattr(model, "accepts_extra_inputs") else model).state_dict()
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted((k.replace(".base_layer", ""), v) for k, v in state.items() if "lora_" not in k):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
