@@ -2,7 +2,7 @@
 costs before you run it — teacher evaluations per iteration (forward calls of the frozen teacher
 denoiser on a batch; a guided call runs both halves as one doubled batch; a discriminator's reads of
 the teacher's encoder are not counted), trainable
-parameters (full copy vs LoRA), and the peak resident memory of a process that trains 3 iterations
+parameters (full copy vs LoRA), and the peak resident memory of a process that trains 12 iterations
 at the benchmark's batch on builtin:mnist-sd (each method in a fresh process, so peaks do not mix).
 
     python bench/tier2_cost.py --guidance 3 lcm_lora lcm dmd2 sid
@@ -23,6 +23,7 @@ RUNS = {  # the rows of bench/tier2_methods.sh: teacher, method, batch, options
     "dmd2": ("builtin:mnist-sd", "dmd2", 32, {"lr": 1e-5, "fake_lr": 1e-5}),
     "sid": ("builtin:mnist-sd", "sid", 32, {}),
 }
+STEPS = 12  # iterations measured (two-time-scale methods update the generator every few)
 GUIDED = {"lcm_lora": "range", "lcm": "range", "cd": "range", "dmd2": "scale", "sid": "scale"}
 
 
@@ -41,10 +42,10 @@ def measure(name: str, w: float) -> dict:
         calls[0] += 1
 
     hook = teacher.register_forward_hook(count)  # the frozen teacher denoiser (a guided call batches both halves)
-    m = distill(teacher, method, max_steps=3, data="mnist", batch=batch, options=options, sample_n=0)
+    m = distill(teacher, method, max_steps=STEPS, data="mnist", batch=batch, options=options, sample_n=0)
     hook.remove()
-    trainable = sum(p.numel() for p in m.student.parameters() if p.requires_grad)
-    return {"run": name, "batch": batch, "teacher_calls_per_iteration": calls[0] / 3, "trainable_params": trainable,
+    trainable = sum(p.numel() for p in m.student.parameters())  # a LoRA student exposes its adapters only
+    return {"run": name, "batch": batch, "teacher_calls_per_iteration": calls[0] / STEPS, "trainable_params": trainable,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads()}  # fmt: skip
 

@@ -217,6 +217,12 @@ def test_lcm_lora_takes_no_guidance_input_and_steps_the_guided_teacher(sd_folder
     m = get_method("lcm")(lora, get_method("lcm").Config(guidance=(3.0, 3.0)))
     assert m.w_input is False and m.config.guidance_input is False  # LCM-LoRA: no w embedding
     assert m.student.model.config.time_cond_proj_dim is None
+    from fewstep.eval.evaluate import model_digest
+
+    # cached teacher rows: a LoRA teacher is its base network (adapters excluded), not an empty state
+    with torch.no_grad():
+        next(p for n, p in m.student.named_parameters() if "lora_B" in n).add_(1.0)
+    assert model_digest(lora) == model_digest(load_teacher(sd_folder)) != model_digest(load_teacher("builtin:digits"))
     full = get_method("lcm")(load_teacher(sd_folder), get_method("lcm").Config(guidance=(3.0, 3.0)))
     assert full.w_input is True and full.student.model.config.time_cond_proj_dim == 256
     x, t, s, y = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 2.0]), torch.tensor([4.0, 1.0]), torch.tensor([3, 8])
