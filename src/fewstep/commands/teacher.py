@@ -10,6 +10,7 @@ teacher, and ``--teacher runs/teacher`` (or ``runs/teacher/student``) uses it.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,8 +22,6 @@ def run_train(args) -> int:
     from fewstep.data import load_dataset
     from fewstep.train.teacher import TeacherOptions, train_teacher
 
-    args.lr_given = args.lr is not None
-    args.lr = 2e-3 if args.lr is None else args.lr
     try:
         net = json.loads(args.net) if args.net else {}
     except json.JSONDecodeError:
@@ -75,6 +74,14 @@ def _train_sd(args, spec, net: dict) -> int:
     return 0
 
 
+class _Given(argparse.Action):
+    """Store the value and note that it was given (``--arch sd`` has its own default learning rate)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.lr_given = True
+
+
 def register(sub) -> None:
     p = sub.add_parser("teacher", help="train a teacher diffusion model")
     tsub = p.add_subparsers(dest="teacher_command", metavar="ACTION")
@@ -99,10 +106,11 @@ def register(sub) -> None:
         help="network options as JSON over the preset for the data's shape, e.g. '{\"channels\": 64}'",
     )
     t.add_argument("--batch", type=int, default=None, help="default: the preset's (256 at 8 px, 128 to 32 px)")
-    t.add_argument("--lr", type=float, default=None, help="Adam learning rate after the warm-up (2e-3; sd: 5e-4)")
+    t.add_argument("--lr", type=float, default=2e-3, action=_Given,
+                   help="Adam learning rate after the warm-up (--arch sd: 5e-4 unless given)")  # fmt: skip
     t.add_argument("--label-dropout", type=float, default=0.1, help="null-label (sd: empty-prompt) rate, for guidance")
     t.add_argument("--ema-halflife-kimg", type=float, default=500.0, help="EDM's EMA half-life, in 1000 images")
     t.add_argument("--ema-rampup", type=float, default=0.05, help="the half-life never exceeds this x images seen")
     t.add_argument("--checkpoint-every", type=int, default=200, help="iterations between checkpoints and grids")
     t.add_argument("--seed", type=int, default=0, help="random seed")
-    t.set_defaults(func=run_train)
+    t.set_defaults(func=run_train, lr_given=False)
