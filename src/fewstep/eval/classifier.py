@@ -126,7 +126,7 @@ def classifier_for(spec, progress=print) -> Path:
     modification times) and the images' resolution and channels. Returns its folder."""
     from fewstep.eval.reference import cache_dir, data_key
 
-    if spec.kind == "mnist":  # the shipped one (bench/mnist_classifier.py trains it)
+    if spec.kind == "mnist":  # the shipped one (``python -m fewstep.eval.classifier --data mnist`` trains it)
         from fewstep.teachers import builtin_path
 
         return builtin_path("mnist-classifier")
@@ -152,12 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         from fewstep.data import parse_data
 
         model, record = fit_to_data(parse_data("mnist"))
-        save_classifier(model, args.out, record)
-        print(f"test accuracy {record['test_accuracy']:.4f} on mnist:test ({record['seconds']} s); wrote {args.out}")
-        return
-    model, record = train_classifier(ClassifierConfig(epochs=args.epochs, seed=args.seed))
+    else:
+        model, record = train_classifier(ClassifierConfig(epochs=args.epochs, seed=args.seed))
     save_classifier(model, args.out, record)
-    print(f"test accuracy {record['test_accuracy']:.4f} on digits:test ({record['seconds']} s); wrote {args.out}")
+    print(f"test accuracy {record['test_accuracy']:.4f} on {args.data}:test ({record['seconds']} s); wrote {args.out}")
 
 
 if __name__ == "__main__":

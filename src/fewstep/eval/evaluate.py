@@ -134,8 +134,7 @@ class Evaluator:
         if self.data is None and self.dataset is None and not self.analytic:
             raise FewstepError("cannot tell which data this teacher learned; pass --data (e.g. digits:train)")
         # a latent teacher's samples are scored as the images its VAE decodes them to
-        self.latent = hasattr(teacher, "decode") and getattr(teacher, "vae", None) is not None
-        self.image_shape = tuple(self.images(torch.zeros(1, *self.shape)).shape[1:]) if self.latent else self.shape
+        self.image_shape = tuple(self.images(torch.zeros(1, *self.shape)).shape[1:])
         classes = getattr(teacher, "prompt_classes", None)
         self.label_classes = torch.tensor(classes) if classes else None
         if self.dataset is not None and tuple(self.dataset.sample_shape) != self.image_shape:
@@ -160,9 +159,9 @@ class Evaluator:
 
     def images(self, x: Tensor, batch: int = 500) -> Tensor:
         """Samples as images: a latent teacher's VAE decodes them (in batches), others pass."""
-        if not self.latent:
-            return x
-        return torch.cat([self.teacher.decode(x[i : i + batch]) for i in range(0, len(x), batch)]).clamp(-1, 1)
+        from fewstep.viz import as_images
+
+        return as_images(self.teacher, x, batch)
 
     def _reference_samples(self) -> Tensor | None:
         """Real samples when they are not a cached data set: exact mixture samples, 2-D data, data
