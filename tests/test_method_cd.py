@@ -158,16 +158,14 @@ def test_lcm_preset_defaults():
     lcm = get_method("lcm")
     assert lcm.paper == "2310.04378" and issubclass(lcm, CD)
     c = LCMConfig()
-    assert (c.solver, c.skip, c.distance, c.huber_c, c.guidance, c.target_decay) == (
-        "ddim",
-        20,
-        "huber",
-        0.001,
-        (6.0, 16.0),
-        0.95,
-    )
+    assert (c.solver, c.skip, c.distance, c.huber_c, c.guidance) == ("ddim", 20, "huber", 0.001, (6.0, 16.0))
+    assert (c.optimizer, c.warmup, c.grad_clip) == ("adamw", 500, 1.0)  # diffusers' LCM scripts
     method = lcm(tiny_unet_teacher())
     assert method.student.net.net.config.extra_dims == 1  # w' enters as an extra scalar
+    c = method.config  # a full student: the LCM script's target copy and the README's lr
+    assert (c.target_decay, c.lr, c.grid) == (0.95, 1e-6, "karras") and method.emas()["target"].decay == 0.95
+    schedule = method.optimizers()["student"].lr_schedule
+    assert [schedule(k) for k in (0, 249, 499, 5000)] == [1 / 500, 0.5, 1.0, 1.0]
 
 
 def test_bad_options_raise_one_line_errors(mixture64):

@@ -34,7 +34,7 @@ PREFERENCE = ("cd", "kd", "tract", "progressive", "sid", "ctm", "dmd2", "denoise
 # bench/tier2_methods.sh (lcm_lora)
 TIER2 = {
     "teacher": "lora:64:builtin:mnist-sd", "method": "lcm", "data": "mnist", "guidance": 3.0, "batch": 16,
-    "options": {"lr": 1e-4, "target_decay": 0.0, "distance": "l2", "weight_decay": 0.01, "grad_clip": 1.0},
+    "options": {"distance": "l2", "weight_decay": 0.01},
 }  # fmt: skip
 
 

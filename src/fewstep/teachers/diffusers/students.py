@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep.conversions import vp_sigmas
 from fewstep.denoiser import Denoiser, append_dims, as_sigma
 from fewstep.errors import FewstepError
 from fewstep.teachers.diffusers.adapter import DiffusersDenoiser
@@ -128,12 +129,48 @@ class LCMStudent(Denoiser):
         c_skip, c_out = lcm_scalings(t, 0.5, self.timestep_scaling)
         return append_dims(c_skip, x.ndim) * x_t + append_dims(c_out, x.ndim) * x0
 
+    def ddim_grid(self, ddim_steps: int) -> Tensor:
+        """The ascending sigmas of the LCM scripts' DDIM solver grid: timestep 0 and
+        ``j * (T // ddim_steps) - 1`` for ``j = 1..ddim_steps`` (``DDIMSolver`` of diffusers'
+        ``train_lcm_distill_*_wds.py``; its step from grid point ``j`` lands on point ``j - 1``)."""
+        form = self.inner.formulation
+        ratio = form.num_train_timesteps // ddim_steps
+        t = torch.cat([torch.zeros(1), torch.arange(1, ddim_steps + 1) * ratio - 1]).long()
+        return vp_sigmas(form.alphas_cumprod)[t]
+
     def lcm_sigmas(self, steps: int, original_inference_steps: int = 50) -> Tensor:
         """The sigmas ``LCMScheduler`` visits in ``steps`` steps (ending in 0)."""
         from diffusers import LCMScheduler
 
         lcm = LCMScheduler(num_train_timesteps=self.inner.formulation.num_train_timesteps)
         return self.inner.scheduler_sigmas(steps, lcm, original_inference_steps=original_inference_steps)
+
+
+class EmbeddedInputStudent(Denoiser):
+    """An ODE student of a diffusers UNet teacher with one extra scalar input (guided distillation's
+    guidance scale ``w``), embedded as LCM embeds its ``w``: the sinusoidal
+    :func:`guidance_scale_embedding` of ``extra`` into the time embedding through
+    ``time_cond_proj_dim``, whose projection starts at zero, so the student starts as the teacher.
+    ``forward(x, sigma, cond, extra)`` with ``extra`` of shape ``(B,)`` or ``(B, 1)``."""
+
+    def __init__(self, teacher: Denoiser, embed_dim: int = 256) -> None:
+        super().__init__()
+        base = unwrap_teacher(teacher)
+        self.inner = _rewrap(base, _copy_network(base, embed_dim)).train().requires_grad_(True)
+        self.embed_dim = embed_dim
+        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
+            setattr(self, k, getattr(base, k))
+
+    @property
+    def model(self) -> nn.Module:
+        return self.inner.model
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, extra: Tensor | None = None) -> Tensor:
+        if extra is None:
+            raise FewstepError("this student takes an extra scalar input (e.g. the guidance scale); pass extra")
+        e = guidance_scale_embedding(torch.as_tensor(extra, device=x.device).reshape(x.shape[0], -1)[:, 0],
+                                     self.embed_dim)  # fmt: skip
+        return self.inner.native_x0(x, sigma, cond, e.to(x.dtype))[0]
 
 
 def ode_student(teacher: Denoiser) -> DiffusersDenoiser:
