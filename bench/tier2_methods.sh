@@ -12,9 +12,13 @@
 # 15 minutes at w' = W - 1 and scores its LoRA through bench/peer_to_run.py with the same `fewstep eval`.
 # Fields: run name, teacher, method, minutes, batch, method options ("W" is replaced by the scale,
 # "W1" by W - 1). Method defaults follow each paper's Stable Diffusion setting where one exists:
-# lcm_lora = LCM-LoRA (rank 64, lr 1e-4, no target copy, no w input, DDIM skip over 50 steps, as
-# diffusers' train_lcm_distill_lora_sd_wds.py), lcm = full-UNet LCM with LCM's w input (lr raised from
-# SD's 1e-6 for a 15-minute budget), dmd2 / sid with the guided real score.
+# lcm_lora = LCM-LoRA (rank 64, lr 1e-4, AdamW, 500 warm-up steps, no target copy, no w input, pairs on
+# the 50-step DDIM grid: the method's LoRA defaults) with the peer script's own l2 loss and weight decay
+# 1e-2, lcm_lora_readme = the same with the method's own defaults (the README command of diffusers'
+# consistency_distillation: pseudo-Huber loss, no weight decay), lcm = full-UNet LCM with LCM's w input (lr raised from SD's 1e-6 for a 15-minute budget), dmd2 /
+# sid with the guided real score, guided = Meng et al.'s two stages (w in [1, 5], sampled at W) shortened
+# to fit 15 minutes (300 stage-one steps, rounds 16 -> 8 -> 4 -> 2 -> 1 of 250 steps), ufogen on real data
+# (it has no teacher guidance: its samples follow the data, scored against the guided teacher all the same).
 # EVAL_ARGS (default: the quick protocol, 2,000 samples x 1 seed range) is passed to `fewstep eval`.
 set -euo pipefail
 ROOT=${1:?usage: tier2_methods.sh OUT_ROOT NAME...}
@@ -25,12 +29,15 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-
 FEWSTEP=${FEWSTEP:-.venv/bin/fewstep}
 T=builtin:mnist-sd
 RUNS="
-lcm_lora   lora:64:$T  lcm   15 16 guidance=W,W lr=1e-4 target_decay=0 distance=l2 weight_decay=0.01 grad_clip=1
+lcm_lora   lora:64:$T  lcm   15 16 guidance=W,W distance=l2 weight_decay=0.01
+lcm_lora_readme lora:64:$T lcm 15 16 guidance=W,W
 lcm        $T          lcm   15 32 guidance=W,W sample_guidance=W lr=1e-4
 cd         $T          cd    15 32 guidance=W,W guidance_input=false
 dmd2       $T          dmd2  15 32 guidance=W lr=1e-5 fake_lr=1e-5
 sid        $T          sid   15 32 guidance=W
 kd         $T          kd    15 64 guidance=W
+guided     $T          guided 15 32 stage_one_steps=300 start_steps=16 steps_per_round=250 guidance=W
+ufogen     $T          ufogen 15 32
 "
 EVAL=${EVAL_ARGS:---n 2000 --seeds 1 --fidelity-n 100}
 PY=${PY:-.venv/bin/python}

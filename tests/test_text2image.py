@@ -229,3 +229,86 @@ def test_lcm_lora_takes_no_guidance_input_and_steps_the_guided_teacher(sd_folder
     w = torch.full((2,), 3.0)
     expected = ode_step(cfg(lora, w), x, t, s, y, m.config.solver)
     assert torch.allclose(m.teacher_step(x, t, s, y, w), expected)
+
+
+def test_lcm_lora_follows_the_lcm_scripts_grid_optimizer_and_sampler(sd_folder):
+    """LCM-LoRA's recipe (diffusers' train_lcm_distill_lora_sd_wds.py): pairs on the 50-step DDIM
+    grid of the DDPM timesteps, AdamW (decoupled weight decay: with Adam's L2 form the decay alone
+    drives LoRA's A to zero while B is still zero), lr 1e-4, no target copy; sampling visits the
+    levels of LCMScheduler (what the exported pipeline runs)."""
+    from diffusers import LCMScheduler
+
+    from fewstep.conversions import vp_sigmas
+    from fewstep.methods import get_method
+    from fewstep.teachers import load_teacher
+    from fewstep.train.loop import make_optimizer
+
+    lora = load_teacher(f"lora:4:{sd_folder}")
+    m = get_method("lcm")(lora, get_method("lcm").Config(guidance=(3.0, 3.0), weight_decay=0.01))
+    c = m.config
+    assert (c.lr, c.target_decay, c.grid) == (1e-4, 0.0, "ddim")
+    abar = lora.base.formulation.alphas_cumprod
+    timesteps = [0, *range(19, 1000, 20)]  # DDIMSolver(ddim_timesteps=50): 19, 39, ..., 999, and 0 below them
+    assert torch.allclose(m.grid.double(), vp_sigmas(abar)[timesteps], rtol=1e-6)
+    hi, lo = m.draw_pair(torch.zeros(512, 4, 8, 8))
+    assert torch.equal(torch.searchsorted(m.grid, hi), torch.searchsorted(m.grid, lo) + 1)  # neighbours
+
+    spec = m.optimizers()["student"]
+    spec = type(spec)(spec.networks, 1e-2, weight_decay=spec.weight_decay, kind=spec.kind)
+    a = [p for n, p in m.student.named_parameters() if "lora_A" in n]
+    before = [p.detach().clone() for p in a]
+    opt = make_optimizer(spec, a)
+    for _ in range(20):  # A gets no gradient while B = 0
+        for p in a:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert all(torch.allclose(p, q, rtol=1e-2) for p, q in zip(a, before, strict=True))
+
+    sched = LCMScheduler.from_config(lora.base.scheduler.config)
+    sched.set_timesteps(4, original_inference_steps=50)
+    seen = []
+    record = m.student.forward
+    m.student.forward = lambda x, sigma, *args, **kw: seen.append(float(sigma[0])) or record(x, sigma, *args, **kw)
+    m.sample(torch.randn(2, 4, 8, 8), 4, cond=torch.tensor([3, 13]))
+    assert torch.allclose(torch.tensor(seen, dtype=torch.float64), vp_sigmas(abar)[sched.timesteps.long()], rtol=1e-5)
+
+
+def test_gpu_check_script_runs_its_path_on_the_cpu(sd_folder, tmp_path):
+    """bench/gpu_check.py (run on a GPU whenever one is lent) on the CPU at a toy size: the teacher's
+    throughput, the start check (CPU float32 vs the device run with the same draws: equal here), the
+    timed iterations and the FLOP count of both methods."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--dtype", "fp32", "--batch", "4", "--steps", "2", "--teacher-batch", "4",
+            "--teacher-repeats", "1", "--teacher", str(sd_folder), "--out", str(out)]  # fmt: skip
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["teacher"]["finite"] and result["teacher"]["images_per_s"] > 0
+    for name in ("lcm_lora", "dmd2"):
+        r = result["methods"][name]
+        assert r["start_ok"] and set(r["start_rel_diff"].values()) == {0.0} and "loss/student" in r["start_losses_cpu"]
+        assert r["it_per_s"] > 0 and r["flops_per_iter"] > 0 and r["mfu"] is None  # no peak FLOP rate for a CPU
+
+
+def test_guided_distillation_embeds_w_in_a_unet_copy_that_starts_as_the_teacher(sd_folder):
+    """Meng et al.'s stage-one student on a diffusers UNet: w enters through LCM's guidance embedding
+    (time_cond_proj_dim, zero-initialised), so before training it equals the conditional teacher
+    whatever w; both stages then train on the text teacher without a gradient reaching it."""
+    from fewstep.students import copy_teacher
+    from fewstep.teachers import load_teacher
+    from fewstep.train import distill
+
+    teacher = load_teacher(sd_folder)
+    student = copy_teacher(teacher, extra_dims=1)
+    assert student.model.config.time_cond_proj_dim == 256 and student.model is not teacher.model
+    x, s, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 0.5]), torch.tensor([3, 13])
+    with torch.no_grad():
+        assert torch.allclose(student(x, s, y, extra=torch.tensor([1.0, 5.0])), teacher(x, s, y), atol=1e-5)
+    options = {"stage_one_steps": 2, "steps_per_round": 1, "start_steps": 4, "w_min": 3.0, "w_max": 3.0}
+    m = distill(teacher, "guided", max_steps=4, data="mnist", batch=4, options=options, sample_n=0)
+    assert all(p.grad is None for p in teacher.parameters())
+    out = m.sample(torch.randn(2, 4, 8, 8), 1, cond=y, guidance=3.0)
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()

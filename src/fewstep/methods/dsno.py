@@ -91,7 +91,7 @@ class TrajectoryOperator(nn.Module):
 
     def __init__(self, flow_map: FlowMapStudent, levels: tuple[float, ...], modes: int = 2) -> None:
         super().__init__()
-        net = flow_map.net.net
+        net = getattr(flow_map.net, "net", flow_map.net)
         if not isinstance(net, UNet):
             raise FewstepError(f"dsno inserts temporal layers into a fewstep UNet; this teacher's network is a "
                                f"{type(net).__name__} (use a UNet teacher)")  # fmt: skip

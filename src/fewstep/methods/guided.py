@@ -19,7 +19,10 @@ scale at sampling time (default ``config.guidance``).
 Deviations: the paper trains with ``w' in [0, 4]`` (``w`` in [1, 5], the default here; the method reference
 marks the range unverified) and also distils a stochastic sampler; fewstep distils the
 deterministic DDIM sampler only. The stage-one student is the teacher's network with the extra
-input (the paper's w-embedding is likewise added to the time embedding).
+input (the paper's w-embedding is likewise added to the time embedding); on a diffusers UNet teacher
+(Stable Diffusion's setting, tier 2 of the benchmark) that is
+:class:`~fewstep.teachers.diffusers.students.EmbeddedInputStudent`: ``w`` through LCM's sinusoidal
+guidance embedding into ``time_cond_proj_dim``, its projection zero-initialised.
 
 A student that is not a teacher copy (``--student-net``, an analytic teacher;
 :mod:`fewstep.train.warmup`): stage one starts from the ``compress`` warm-up network with its zero-

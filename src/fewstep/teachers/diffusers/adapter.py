@@ -294,15 +294,17 @@ class DiffusersDenoiser(Denoiser):
 
     # --- students (fewstep.students.copy_teacher / consistency_student call these) ----------------
     def trainable_copy(self, extra_dims: int = 0) -> DiffusersDenoiser:
-        """A trainable copy of this network with the same formulation (an ODE student)."""
-        if extra_dims:
-            raise FewstepError(
-                f"{type(self.model).__name__} cannot take {extra_dims} extra scalar input(s); methods that "
-                "condition the student on w or a target time need a fewstep network"
-            )
-        from fewstep.teachers.diffusers.students import ode_student
+        """A trainable copy of this network with the same formulation (an ODE student); with
+        ``extra_dims = 1`` a UNet copy that embeds one extra scalar (guided distillation's ``w``) as
+        LCM embeds its guidance scale."""
+        from fewstep.teachers.diffusers.students import EmbeddedInputStudent, ode_student
 
-        return ode_student(self)
+        if extra_dims > 1 or (extra_dims and type(self.model).__name__ != "UNet2DConditionModel"):
+            raise FewstepError(
+                f"{type(self.model).__name__} cannot take {extra_dims} extra scalar input(s) (a UNet2DConditionModel "
+                "takes one); methods that need more need a fewstep network"
+            )
+        return EmbeddedInputStudent(self) if extra_dims else ode_student(self)
 
     def consistency_student(self, extra_dims: int = 0) -> Denoiser:
         """An LCM-parameterised consistency student; ``extra_dims = 1`` embeds the guidance scale
