@@ -312,3 +312,16 @@ def test_guided_distillation_embeds_w_in_a_unet_copy_that_starts_as_the_teacher(
     assert all(p.grad is None for p in teacher.parameters())
     out = m.sample(torch.randn(2, 4, 8, 8), 1, cond=y, guidance=3.0)
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_demo_tier_2_distils_and_scores_the_guided_text_teacher(sd_folder, tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--tier", "2", "--teacher", str(sd_folder), "--minutes", "0.02", "--out", str(out), "--n", "500"]
+    assert main([*args, "--fidelity-n", "4"]) == 0
+    assert "FID ratio at 1 NFE" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    protocol = results["protocol"]
+    assert (protocol["guidance"], protocol["teacher_solver"], protocol["teacher_nfe"]) == (3.0, "dpmpp_2m", 25)
+    assert protocol["n"] == 500 and protocol["fidelity_n"] == 4 and results["method"] == "lcm"
+    options = json.loads((out / "config.json").read_text())["method"]["options"]
+    assert options["guidance"] == [3.0, 3.0] and options["sample_guidance"] == 3.0 and options["lr"] == 1e-4

@@ -11,9 +11,13 @@ The teacher's baseline rows are cached, so a second demo spends its time on the 
 
 ``--tier 2`` runs the same path on the shipped latent text-to-image teacher ``builtin:mnist-sd``
 (a stock diffusers StableDiffusionPipeline: VAE, CLIP text encoder, UNet with cross-attention):
-an LCM-LoRA student (rank 64) distilled from the teacher guided at ``TIER2["guidance"]``, scored
+an LCM student (the full UNet with LCM's guidance input, the tier-2 benchmark's ``lcm`` row: the best
+1- and 2-step method measured there) distilled from the teacher guided at ``TIER2["guidance"]``, scored
 against that guided teacher with DPM-Solver++(2M) at 25 NFE (what SD users run) as the reference,
-the VAE-decoded samples in the shipped MNIST classifier's features, label accuracy against the prompt.
+the VAE-decoded samples in the shipped MNIST classifier's features, label accuracy against the prompt;
+1,000 samples and fidelity on 100 seeds unless ``--n``/``--fidelity-n`` say otherwise (the guided
+25-step teacher costs 50 UNet calls per sample), so that a first run, teacher rows included, fits in
+15 minutes.
 """
 
 from __future__ import annotations
@@ -30,11 +34,10 @@ from fewstep.errors import FewstepError
 # on digits" in docs/benchmarks.md ranks them all). "denoise" (not a distillation) keeps the demo
 # alive on a bare install.
 PREFERENCE = ("cd", "kd", "tract", "progressive", "sid", "ctm", "dmd2", "denoise")
-# tier 2 (docs/benchmarks.md, "Tier 2"): the guided setting's scale and the LCM-LoRA recipe of
-# bench/tier2_methods.sh (lcm_lora)
+# tier 2 (docs/benchmarks.md, "Tier 2"): the guided setting's scale and the lcm row of bench/tier2_methods.sh
 TIER2 = {
-    "teacher": "lora:64:builtin:mnist-sd", "method": "lcm", "data": "mnist", "guidance": 3.0, "batch": 16,
-    "options": {"distance": "l2", "weight_decay": 0.01},
+    "teacher": "builtin:mnist-sd", "method": "lcm", "data": "mnist", "guidance": 3.0, "batch": 32,
+    "options": {"lr": 1e-4}, "n": 1000, "fidelity_n": 100,
 }  # fmt: skip
 
 
@@ -59,6 +62,9 @@ def run(args) -> int:
     method = TIER2["method"] if tier2 and not args.method else pick_method(args.method)
     teacher = TIER2["teacher"] if tier2 and args.teacher is None else (args.teacher or "builtin:digits")
     out = Path(args.out or f"runs/demo{'-t2' if tier2 else ''}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    defaults = TIER2 if tier2 else {"n": 2000, "fidelity_n": 200}
+    args.n = args.n if args.n is not None else defaults["n"]
+    args.fidelity_n = args.fidelity_n if args.fidelity_n is not None else defaults["fidelity_n"]
     settings = settings_from(args)
     settings.speed_repeats = 3
     kw: dict = {}
@@ -66,7 +72,8 @@ def run(args) -> int:
         w = TIER2["guidance"]
         settings.guidance, settings.teacher_solver, settings.teacher_nfe = w, "dpmpp_2m", 25
         settings.baseline_solvers, settings.baseline_nfe = ("euler", "dpmpp_2m"), (1, 2, 4)
-        kw = {"data": TIER2["data"], "batch": TIER2["batch"], "options": {**TIER2["options"], "guidance": (w, w)}}
+        options = {**TIER2["options"], "guidance": (w, w), "sample_guidance": w}
+        kw = {"data": TIER2["data"], "batch": TIER2["batch"], "options": options}
     settings.check()
     t0 = time.time()
     print(f"fewstep demo: distilling {teacher} with {method} for {args.minutes} min into {out}", flush=True)
@@ -92,10 +99,12 @@ def register(sub) -> None:
         type=int,
         choices=(1, 2),
         default=1,
-        help="2: the latent text-to-image teacher builtin:mnist-sd, guided, with an LCM-LoRA student",
+        help="2: the latent text-to-image teacher builtin:mnist-sd, guided, with an LCM student "
+        "(1,000 samples, fidelity on 100 seeds unless --n/--fidelity-n are given)",
     )
     p.add_argument("--minutes", type=float, default=6.0, help="distillation budget (default 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default runs/demo-METHOD-TIMESTAMP)")
     add_protocol_args(p, n_default=2000, seeds_default=1)
-    p.set_defaults(func=run, fidelity_n=200, baseline_nfe=(1, 2, 4, 8))  # the teacher row is Heun at 35 NFE
+    # the teacher row is Heun at 35 NFE (tier 2: DPM-Solver++ at 25); n and fidelity_n depend on the tier
+    p.set_defaults(func=run, n=None, fidelity_n=None, baseline_nfe=(1, 2, 4, 8))
