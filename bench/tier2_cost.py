@@ -5,7 +5,7 @@ the teacher's encoder are not counted), trainable
 parameters (full copy vs LoRA), and the peak resident memory of a process that trains 12 iterations
 at the benchmark's batch on builtin:mnist-sd (each method in a fresh process, so peaks do not mix).
 
-    python bench/tier2_cost.py --guidance 3 lcm_lora lcm dmd2 sid
+    python bench/tier2_cost.py --guidance 3 lcm_lora lcm cd guided ufogen dmd2 sid
 """
 
 from __future__ import annotations
@@ -16,15 +16,27 @@ import resource
 import subprocess
 import sys
 
+W = "W"  # replaced by --guidance
 RUNS = {  # the rows of bench/tier2_methods.sh: teacher, method, batch, options
-    "lcm_lora": ("lora:64:builtin:mnist-sd", "lcm", 16, {"lr": 1e-4, "target_decay": 0.0, "distance": "l2"}),
-    "lcm": ("builtin:mnist-sd", "lcm", 32, {"lr": 1e-4}),
-    "cd": ("builtin:mnist-sd", "cd", 32, {"guidance_input": False}),
-    "dmd2": ("builtin:mnist-sd", "dmd2", 32, {"lr": 1e-5, "fake_lr": 1e-5}),
-    "sid": ("builtin:mnist-sd", "sid", 32, {}),
-}
+    "lcm_lora": ("lora:64:builtin:mnist-sd", "lcm", 16, {"guidance": (W, W), "distance": "l2", "weight_decay": 0.01}),
+    "lcm_lora_readme": ("lora:64:builtin:mnist-sd", "lcm", 16, {"guidance": (W, W)}),
+    "lcm": ("builtin:mnist-sd", "lcm", 32, {"guidance": (W, W), "sample_guidance": W, "lr": 1e-4}),
+    "cd": ("builtin:mnist-sd", "cd", 32, {"guidance": (W, W), "guidance_input": False}),
+    "dmd2": ("builtin:mnist-sd", "dmd2", 32, {"guidance": W, "lr": 1e-5, "fake_lr": 1e-5}),
+    "sid": ("builtin:mnist-sd", "sid", 32, {"guidance": W}),
+    "guided": ("builtin:mnist-sd", "guided", 32,
+               {"stage_one_steps": 300, "start_steps": 16, "steps_per_round": 250, "guidance": W}),
+    "ufogen": ("builtin:mnist-sd", "ufogen", 32, {}),
+    "progressive": ("builtin:mnist-sd", "progressive", 32, {"start_steps": 16, "steps_per_round": 300}),
+    "lightning": ("builtin:mnist-sd", "lightning", 32, {"start_steps": 16, "steps_per_round": 300}),
+}  # fmt: skip
 STEPS = 12  # iterations measured (two-time-scale methods update the generator every few)
-GUIDED = {"lcm_lora": "range", "lcm": "range", "cd": "range", "dmd2": "scale", "sid": "scale"}
+
+
+def with_scale(value, w: float):
+    if isinstance(value, tuple):
+        return tuple(with_scale(v, w) for v in value)
+    return w if value == W else value
 
 
 def measure(name: str, w: float) -> dict:
@@ -34,7 +46,7 @@ def measure(name: str, w: float) -> dict:
     from fewstep.train import distill
 
     spec, method, batch, options = RUNS[name]
-    options = {**options, "guidance": (w, w) if GUIDED[name] == "range" else w}
+    options = {k: with_scale(v, w) for k, v in options.items()}
     teacher = load_teacher(spec)
     calls = [0]
 

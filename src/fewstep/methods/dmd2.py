@@ -30,6 +30,14 @@ network is built with dropout 0 (so train or eval mode changes nothing); the gen
 before the fake score in an iteration; no EMA anywhere — the raw generator is what is evaluated
 (``engine_defaults``: ``ema_decay`` 0).
 
+Stable Diffusion setting (``experiments/sdv1.5/*.sh`` of the same repository, checked): stage one
+from the teacher with generator and fake-score lr 1e-5, real-score guidance 1.75 (fake score
+unguided), 10 fake-score updates per generator update, no GAN, clipping 10, batch 32 per GPU; stage
+two resumes at lr 5e-7 with the GAN on (generator weight 1e-3, classifier weight 1e-2, noise over all
+1000 timesteps, the classifier also on clean images). On a diffusers teacher set those with
+``--set lr=1e-5 fake_lr=1e-5 guidance=1.75 fake_updates=10 gan=false`` (tier 2 of the benchmark uses
+lr 1e-5 with the GAN on, at its own guidance scale). The defaults above stay the EDM ones.
+
 Deviations: the classifier head (the reference's ``cls_pred_branch``: conv 4x4/2, conv to 1x1, 1x1
 conv to a logit) is sized to fewstep's UNet bottleneck, read through
 :func:`~fewstep.networks.discriminator.teacher_features`; multi-step sampling re-noises with the

@@ -19,6 +19,10 @@ changes); its 5000-step linear lr warm-up and its 0.995 EMA are not applied (the
 evaluation EMA plays the EMA's part); the reference used 1.024M pairs, the default here is 10k
 (``num_pairs``; pass ``pairs=DIR`` to use a folder made by ``fewstep pairs``).
 
+Stable Diffusion setting: the paper has none (CIFAR-10, LSUN, ImageNet-64 DDPMs); for a guided latent
+teacher the pairs are the guided teacher's samples (``guidance=W``: the same CFG scale the user
+samples the teacher with), which is how InstaFlow's and DMD's regression data were made for SD.
+
 A student that is not a teacher copy (``--student-net``, an analytic teacher;
 :mod:`fewstep.train.warmup`): trained from its own start by the same regression, without a warm-up.
 """

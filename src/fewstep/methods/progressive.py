@@ -36,6 +36,12 @@ rounds (the engine owns optimizers), at a constant rate unless ``lr_anneal`` (th
 off by default because the last round has no fixed end). The paper's networks predict x (or
 "both"/v); here the student is the teacher's EDM-preconditioned x0-predictor.
 
+Stable Diffusion setting: the paper distils pixel-space DDPMs only; on a guided text-to-image teacher
+progressive distillation is the second stage of guided distillation (``guided``, Meng et al. 2023,
+who ran it on SD's latent space). This method distils the unguided (conditional) teacher, so on a
+latent teacher it belongs to the unguided setting (tier 2 of the benchmark at w = 1); a diffusers
+student is the teacher's UNet in its own parameterisation (not EDM's), the grids are still Karras.
+
 A student that is not a teacher copy (``--student-net``, an analytic teacher;
 :mod:`fewstep.train.warmup`): round 0 starts from the ``compress`` warm-up network and still learns
 the teacher's two DDIM steps; later rounds are as usual.

@@ -25,6 +25,14 @@ mode, then is switched to eval mode (and frozen) for the generator loss, so a ps
 teacher gives a zero generator gradient; psi's samples come from G in eval mode; G trains in
 train mode; the evaluated network is G's EMA.
 
+Stable Diffusion setting: SiD-LSG (Zhou et al. 2024, arXiv 2406.01561; mingyuanzhou/SiD-LSG
+``run_sid.sh``, checked) uses "long and short guidance": CFG 2 on the fake score while it trains and
+on both scores in the generator loss (kappa_1..4 = 2), alpha 1, the generator fed at DDPM timestep 625,
+Adam lr 1e-6 for both networks, batch 512, EMA half-life 0.05 Mimg. fewstep's ``guidance`` guides the
+real score only (the fake score stays unguided): the LSG variant is not implemented; on a diffusers
+teacher set ``--set alpha=1 lr=1e-6 fake_lr=1e-6 guidance=W`` for the rest (tier 2 of the benchmark
+keeps the defaults with ``guidance=W``).
+
 Deviations: generator labels are drawn uniformly (the reference reads them from the data set); the
 reference evaluates an EMA of G (half-life 500 kimg, ramp-up 0.05), which is the engine's evaluation
 EMA here with the same settings (``engine_defaults``); losses are averaged
