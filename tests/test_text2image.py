@@ -312,6 +312,11 @@ def test_guided_distillation_embeds_w_in_a_unet_copy_that_starts_as_the_teacher(
     assert all(p.grad is None for p in teacher.parameters())
     out = m.sample(torch.randn(2, 4, 8, 8), 1, cond=y, guidance=3.0)
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    from fewstep.errors import FewstepError
+    from fewstep.export.diffusers import _network_of
+
+    with pytest.raises(FewstepError, match="not exported"):  # one line naming why, not a traceback
+        _network_of(m.student)
 
 
 def test_demo_tier_2_distils_and_scores_the_guided_text_teacher(sd_folder, tmp_path, capsys):

@@ -35,7 +35,7 @@ from fewstep.errors import FewstepError
 from fewstep.export.card import model_card
 from fewstep.io import atomic_write_json, read_json
 from fewstep.teachers.diffusers.adapter import DiffusersDenoiser
-from fewstep.teachers.diffusers.students import LCMStudent
+from fewstep.teachers.diffusers.students import EmbeddedInputStudent, LCMStudent
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -50,6 +50,12 @@ def _network_of(student: Any) -> tuple[str, nn.Module, DiffusersDenoiser]:
         return "lcm", student.model, student.inner
     if isinstance(student, DiffusersDenoiser):
         return "ode", student.model, student
+    if isinstance(student, EmbeddedInputStudent):
+        raise FewstepError(
+            "a guided-distillation student (w as an input) samples with fewstep's DDIM on its own grid for each "
+            "step count; no stock diffusers scheduler reproduces that grid, so it is not exported — sample it "
+            "with `fewstep sample`"
+        )
     raise FewstepError(
         f"a {type(student).__name__} student cannot be exported as a stock diffusers pipeline: fewstep's own "
         "EDM-preconditioned networks have no diffusers scheduler that reproduces them (see fewstep.export.diffusers); "
