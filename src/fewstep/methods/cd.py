@@ -78,6 +78,12 @@ from fewstep.solvers import STEPPERS, ode_step, renoise_sample
 from fewstep.students import consistency_student, set_dropout
 
 
+def lcm_student(student: nn.Module) -> nn.Module:
+    """The network under a LoRA wrapper (``LoRAStudent.student``): an LCM student of a diffusers
+    teacher has ``ddim_grid`` and ``lcm_sigmas``; fewstep's own consistency students have neither."""
+    return getattr(student, "student", student)
+
+
 @dataclass
 class CDConfig:
     """Options of consistency distillation; the LCM options are off by default."""
@@ -137,7 +143,7 @@ class ConsistencyDistillation(Method):
         self.student = student if student is not None else consistency_student(teacher, extra_dims)
         set_dropout(self.student, c.dropout)
         self.target = copy.deepcopy(self.student).requires_grad_(False)  # theta^-
-        ddim = getattr(getattr(self.student, "student", self.student), "ddim_grid", None)  # an LCM student
+        ddim = getattr(lcm_student(self.student), "ddim_grid", None)
         if c.grid is None:
             c.grid = "karras" if ddim is None else "ddim"
         check_option("grid", c.grid, ("karras", "ddim"))
@@ -207,7 +213,7 @@ class ConsistencyDistillation(Method):
         c, smin = self.config, self.teacher.sigma_min
         w = c.sample_guidance if guidance is None else guidance
         extra = (expand_like(w, noise) - 1)[:, None] if self.w_input else None
-        lcm = getattr(getattr(self.student, "student", self.student), "lcm_sigmas", None)  # (a LoRA wraps it)
+        lcm = getattr(lcm_student(self.student), "lcm_sigmas", None)
         if lcm is not None:  # an LCM student of a diffusers teacher: LCMScheduler's levels and re-noising
             levels = [float(s) for s in lcm(steps)[:steps]]  # (what the exported pipeline runs)
             return renoise_sample(self.student, noise, levels, cond, extra)

@@ -148,7 +148,8 @@ class LCMStudent(Denoiser):
 
 class EmbeddedInputStudent(Denoiser):
     """An ODE student of a diffusers UNet teacher with one extra scalar input (guided distillation's
-    guidance scale ``w``), embedded as LCM embeds its ``w``: the sinusoidal
+    guidance scale ``w``; CTM's and BOOT's target time through ``FlowMapStudent``, which passes
+    ``ln(s)/4``), embedded as LCM embeds its ``w``: the sinusoidal
     :func:`guidance_scale_embedding` of ``extra`` into the time embedding through
     ``time_cond_proj_dim``, whose projection starts at zero, so the student starts as the teacher.
     ``forward(x, sigma, cond, extra)`` with ``extra`` of shape ``(B,)`` or ``(B, 1)``."""
