@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,10 +80,11 @@ with open(f"{{out}}-rank{{rank}}.json", "w") as f:
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def launch(tmp_path: Path, config: str, *args: str) -> None:
+def launch(tmp_path: Path, config: str, *args: str, out: Path | None = None) -> None:
     """Run ``args`` under ``accelerate launch``. A gloo process can abort at interpreter exit with
     its threads still alive (torch's teardown, seen about once in ten CI runs of a 2-process job);
-    such a run is repeated once from scratch (a distill run with ``--overwrite``), any other failure
+    such a run is repeated once from scratch (a distill run with ``--overwrite``; a script's run
+    folder ``out`` is deleted first, or the repeat would append to its metrics), any other failure
     — or a second abort — fails the test."""
     (tmp_path / "acc.yaml").write_text(config)
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -93,6 +95,8 @@ def launch(tmp_path: Path, config: str, *args: str) -> None:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
         if done.returncode == 0 or TEARDOWN_ABORT not in done.stderr or attempt == 1:
             break
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
         args = (*args, "--overwrite") if "distill" in args and "--overwrite" not in args else args
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -132,7 +136,7 @@ def pair_run(tmp_path: Path, config: str) -> None:
     optimizer state, logged statistics."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(TESTS), cfg=CFG))
-    launch(tmp_path, config, str(script), str(tmp_path / "two"))
+    launch(tmp_path, config, str(script), str(tmp_path / "two"), out=tmp_path / "two")
     one = Pair(tiny_teacher(), PairConfig(b_every=2, grad_clip=0.5))
     train(one, tiny_config(**CFG), tmp_path / "one", data=tiny_data())
     assert_same_checkpoint(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints", 6)
