@@ -36,10 +36,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = {  # bench/tier2_methods.sh's rows (W = the guidance scale)
-    "lcm_lora": ("lora:64:{T}", "lcm", {"guidance": ("W", "W"), "distance": "l2", "weight_decay": 0.01}),
-    "dmd2": ("{T}", "dmd2", {"guidance": "W", "lr": 1e-5, "fake_lr": 1e-5}),
-}
+METHODS = ("lcm_lora", "dmd2")  # rows of bench/tier2_methods.sh, as bench/tier2_cost.py lists them
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}  # dense bf16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RANDOM = ("rand", "randn", "randint", "randperm")
@@ -164,12 +161,13 @@ def iteration_flops(m, batch: int, device: str) -> float:
 
 
 def method_check(name: str, args, peak: float | None) -> dict:
+    from tier2_cost import RUNS, with_scale  # bench/ is on the path when this script runs
+
     from fewstep.train import distill
 
-    spec, method, options = METHODS[name]
-    options = {k: (tuple(args.guidance for _ in v) if isinstance(v, tuple) else args.guidance if v == "W" else v)
-               for k, v in options.items()}  # fmt: skip
-    run = (spec.format(T=args.teacher), method, options)
+    spec, method, _, options = RUNS[name]
+    options = {k: with_scale(v, args.guidance) for k, v in options.items()}
+    run = (spec.replace("builtin:mnist-sd", args.teacher), method, options)
     with tempfile.TemporaryDirectory() as tmp:
         cpu = first_losses(run, args, "cpu", "fp32", Path(tmp) / "cpu")
         dev = first_losses(run, args, args.device, args.dtype, Path(tmp) / "dev")

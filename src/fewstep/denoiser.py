@@ -28,6 +28,16 @@ def as_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma.reshape(x.shape[0])
 
 
+CONTRACT = ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes")  # Denoiser's attributes
+
+
+def copy_contract(module: nn.Module, source: Any) -> None:
+    """Give ``module`` (a wrapper or student around ``source``) the :class:`Denoiser` attributes of
+    ``source``: its noise range, data scale, sample shape and class count."""
+    for name in CONTRACT:
+        setattr(module, name, getattr(source, name))
+
+
 class Denoiser(nn.Module):
     """Base class of the sigma-space denoiser contract.
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.denoiser import Denoiser, append_dims, as_sigma
+from fewstep.denoiser import Denoiser, append_dims, as_sigma, copy_contract
 from fewstep.errors import FewstepError
 
 
@@ -25,8 +25,7 @@ class CFGDenoiser(Denoiser):
             raise FewstepError("guidance needs a class-conditional model (num_classes > 0)")
         self.inner = inner
         self.scale = scale
-        for name in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, name, getattr(inner, name))
+        copy_contract(self, inner)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, scale: float | Tensor | None = None) -> Tensor:
         w = self.scale if scale is None else scale

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims, as_sigma
+from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims, as_sigma, copy_contract
 from fewstep.errors import FewstepError
 
 
@@ -91,8 +91,7 @@ class ConsistencyStudent(nn.Module):
     def __init__(self, net: EDMDenoiser) -> None:
         super().__init__()
         self.net = net
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, k, getattr(net, k))
+        copy_contract(self, net)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, extra: Tensor | None = None) -> Tensor:
         sigma = as_sigma(sigma, x)
@@ -111,8 +110,7 @@ class FlowMapStudent(nn.Module):
     def __init__(self, net: EDMDenoiser) -> None:
         super().__init__()
         self.net = net
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, k, getattr(net, k))
+        copy_contract(self, net)
 
     def g(self, x: Tensor, t: Tensor, s: Tensor, cond: Any = None, **net_kw: Any) -> Tensor:
         t, s = as_sigma(t, x), as_sigma(s, x)
@@ -134,8 +132,7 @@ class OneStepGenerator(nn.Module):
         super().__init__()
         self.net = net
         self.sigma_init = float(sigma_init)
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, k, getattr(net, k))
+        copy_contract(self, net)
 
     def forward(self, z: Tensor, cond: Any = None) -> Tensor:
         sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device, dtype=z.dtype)

@@ -93,7 +93,7 @@ def n_text(s) -> str:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="distill the shipped digits teacher and report (about 10 minutes on 2 CPUs)")
     p.add_argument("--method", default=None, help=f"method to run (default: the first available of {PREFERENCE})")
-    p.add_argument("--teacher", default=None, help="default: builtin:digits (tier 2: LoRA on builtin:mnist-sd)")
+    p.add_argument("--teacher", default=None, help="default: builtin:digits (tier 2: builtin:mnist-sd)")
     p.add_argument(
         "--tier",
         type=int,

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fewstep.denoiser import Denoiser
+from fewstep.denoiser import Denoiser, copy_contract
 from fewstep.errors import FewstepError
 from fewstep.io import cache_dir, load_tensors, save_tensors
 from fewstep.methods import register
@@ -101,8 +101,7 @@ class TrajectoryOperator(nn.Module):
         n_down = sum(1 for b in net.down if not isinstance(b, nn.AvgPool2d))
         skip = n_down + 1  # the second middle block has none (reference)
         self.time_convs = nn.ModuleDict({str(k): TimeConv(ch, modes) for k, ch in enumerate(chans) if k != skip})
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, k, getattr(flow_map, k))
+        copy_contract(self, flow_map)
 
     def forward(self, z: Tensor, cond: Any = None) -> Tensor:
         b, m = z.shape[0], len(self.levels)

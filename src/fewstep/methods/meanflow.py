@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims
+from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims, copy_contract
 from fewstep.errors import FewstepError
 from fewstep.guidance import cfg
 from fewstep.methods import Batch, Method, OptimizerSpec, register
@@ -96,8 +96,7 @@ class AverageVelocityStudent(nn.Module):
     def __init__(self, net: EDMDenoiser) -> None:
         super().__init__()
         self.net = net
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, k, getattr(net, k))
+        copy_contract(self, net)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         tt = append_dims(t, z.ndim)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fewstep.denoiser import Denoiser, append_dims, as_sigma
+from fewstep.denoiser import Denoiser, append_dims, as_sigma, copy_contract
 from fewstep.errors import FewstepError
 
 
@@ -120,8 +120,7 @@ class TextGuidance(Denoiser):
                 "uncond=TextConditioning(<the text encoder's output for the empty prompt>)"
             )
         self.inner, self.scale = inner, scale
-        for name in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, name, getattr(inner, name))
+        copy_contract(self, inner)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None, scale: float | Tensor | None = None) -> Tensor:
         w = self.scale if scale is None else scale

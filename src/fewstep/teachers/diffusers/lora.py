@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.denoiser import Denoiser
+from fewstep.denoiser import Denoiser, copy_contract
 from fewstep.errors import FewstepError
 from fewstep.students import add_lora
 from fewstep.students import tuner_layers as _tuner_layers
@@ -132,8 +132,7 @@ class LoRAStudent(nn.Module):
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.student = student
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, k, getattr(student, k))
+        copy_contract(self, student)
 
     @property
     def model(self) -> nn.Module:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.conversions import vp_sigmas
-from fewstep.denoiser import Denoiser, append_dims, as_sigma
+from fewstep.denoiser import Denoiser, append_dims, as_sigma, copy_contract
 from fewstep.errors import FewstepError
 from fewstep.teachers.diffusers.adapter import DiffusersDenoiser
 
@@ -109,8 +109,7 @@ class LCMStudent(Denoiser):
         net = network if network is not None else _copy_network(base, guidance_embed_dim)
         self.inner = _rewrap(base, net)
         self.guidance_embed_dim, self.timestep_scaling = guidance_embed_dim, timestep_scaling
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, k, getattr(base, k))
+        copy_contract(self, base)
         if network is None:
             self.inner.train().requires_grad_(True)
 
@@ -159,8 +158,7 @@ class EmbeddedInputStudent(Denoiser):
         base = unwrap_teacher(teacher)
         self.inner = _rewrap(base, _copy_network(base, embed_dim)).train().requires_grad_(True)
         self.embed_dim = embed_dim
-        for k in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes"):
-            setattr(self, k, getattr(base, k))
+        copy_contract(self, base)
 
     @property
     def model(self) -> nn.Module:
