@@ -27,6 +27,7 @@ RUNS = {  # the rows of bench/tier2_methods.sh: teacher, method, batch, options
     "guided": ("builtin:mnist-sd", "guided", 32,
                {"stage_one_steps": 300, "start_steps": 16, "steps_per_round": 250, "guidance": W}),
     "ufogen": ("builtin:mnist-sd", "ufogen", 32, {}),
+    "add": ("builtin:mnist-sd", "add", 32, {"guidance": W}),
     "progressive": ("builtin:mnist-sd", "progressive", 32, {"start_steps": 16, "steps_per_round": 300}),
     "lightning": ("builtin:mnist-sd", "lightning", 32, {"start_steps": 16, "steps_per_round": 300}),
 }  # fmt: skip

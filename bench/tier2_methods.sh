@@ -18,7 +18,9 @@
 # consistency_distillation: pseudo-Huber loss, no weight decay), lcm = full-UNet LCM with LCM's w input (lr raised from SD's 1e-6 for a 15-minute budget), dmd2 /
 # sid with the guided real score, guided = Meng et al.'s two stages (w in [1, 5], sampled at W) shortened
 # to fit 15 minutes (300 stage-one steps, rounds 16 -> 8 -> 4 -> 2 -> 1 of 250 steps), ufogen on real data
-# (it has no teacher guidance: its samples follow the data, scored against the guided teacher all the same);
+# (it has no teacher guidance: its samples follow the data, scored against the guided teacher all the same),
+# add = ADD with its SDXL-Turbo defaults, the guided teacher in its distillation loss and its discriminator
+# on VAE-decoded pixels through the shipped MNIST classifier (DINOv2's stand-in);
 # progressive and lightning distil the unguided teacher (no guidance option), so they belong to the
 # unguided setting, W=1 (rounds 16 -> 8 -> 4 -> 2 -> 1 of 300 steps to fit 15 minutes).
 # EVAL_ARGS (default: the quick protocol, 2,000 samples x 1 seed range) is passed to `fewstep eval`.
@@ -40,6 +42,7 @@ sid        $T          sid   15 32 guidance=W
 kd         $T          kd    15 64 guidance=W
 guided     $T          guided 15 32 stage_one_steps=300 start_steps=16 steps_per_round=250 guidance=W
 ufogen     $T          ufogen 15 32
+add        $T          add   15 32 guidance=W
 progressive $T         progressive 15 32 start_steps=16 steps_per_round=300
 lightning  $T          lightning 15 32 start_steps=16 steps_per_round=300
 "

@@ -6,10 +6,13 @@
 background to 32x32, which the latent teacher's VAE (4x down) turns into 8x8 latents.
 The split is fixed: every tenth row (500 digits, 50 per class) is ``test``, the rest ``train``.
 
-Captions name the digit. Training captions come from :data:`TRAIN_TEMPLATES` (a template drawn per
-image per step); evaluation prompts from :data:`EVAL_TEMPLATES`, a separate set that reuses the
-training words in other phrasings, so a student is scored on prompts the teacher did not see
-verbatim. ``{d}`` is the numeral, ``{name}`` the English word.
+Captions name the digit. Training captions come from :data:`TRAIN_TEMPLATES`, every combination
+of a scene prefix ("a scan of", ...) and a way of naming the digit ("the digit seven", "a handwritten
+7", ...), a template drawn per image per step; evaluation prompts from :data:`EVAL_TEMPLATES`, three
+phrasings held out of training with the numeral and with the word (no training caption is an
+evaluation prompt, or one with ``{d}`` and ``{name}`` swapped): the teacher is scored on prompts it
+composes from known words, as a text-to-image model meets new prompts. ``{d}`` is the numeral,
+``{name}`` the English word.
 """
 
 from __future__ import annotations
@@ -25,17 +28,29 @@ from torch import Generator
 from fewstep.errors import FewstepError
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-TRAIN_TEMPLATES = (
-    "a handwritten {d}",
-    "a handwritten {name}",
-    "the digit {d}",
-    "the digit {name}",
-    "a photo of the number {d}",
-    "the number {name}",
-    "{d}",
-    "{name}",
+# The caption language: a scene prefix, then the digit named in one of many ways. Training captions
+# are every combination except the held-out phrasings (below); ``{d}`` is the numeral, ``{name}`` the word.
+PREFIXES = ("", "a photo of", "a picture of", "an image of", "a drawing of", "a scan of", "a sketch of",
+            "a close-up of", "a blurry photo of", "a black and white photo of")  # fmt: skip
+SUBJECTS = ("{x}", "a {x}", "the {x}", "digit {x}", "the digit {x}", "a digit {x}", "number {x}", "the number {x}",
+            "a number {x}", "handwritten {x}", "a handwritten {x}", "the handwritten {x}", "a handwritten digit {x}",
+            "the numeral {x}", "a written {x}")  # fmt: skip
+EVAL_TEMPLATES = ("a handwritten digit {d}", "the number {d}", "a photo of the digit {name}")
+
+
+def _held_out(template: str) -> bool:
+    """Whether ``template`` is an evaluation phrasing, with the numeral or with the word."""
+    forms = {t.replace("{name}", "{x}").replace("{d}", "{x}") for t in EVAL_TEMPLATES}
+    return template.replace("{name}", "{x}").replace("{d}", "{x}") in forms
+
+
+TRAIN_TEMPLATES = tuple(
+    t.replace("{x}", form)
+    for prefix in PREFIXES
+    for subject in SUBJECTS
+    for form in ("{d}", "{name}")
+    if not _held_out(t := f"{prefix} {subject}".strip())
 )
-EVAL_TEMPLATES = ("a handwritten {d}", "the number {d}", "a photo of the digit {name}")
 RESOLUTION = 32
 TEST_EVERY = 10
 

@@ -11,7 +11,8 @@
   :func:`fewstep.solvers.renoise_sample` — denoise to ``x0_hat`` at one level, re-noise it with fresh
   noise to the next level, repeat.
 - :func:`feature_network`: resolve a discriminator backbone by name ("teacher", "teacher-bottleneck",
-  "classifier" = fewstep's shipped digits CNN) or take a user's ``nn.Module``.
+  "classifier" = fewstep's shipped digits CNN, or on a latent teacher whose VAE decodes to 1x32x32 the
+  shipped MNIST CNN behind that decoder) or take a user's ``nn.Module``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,35 @@ class ClassifierBackbone(nn.Module):
         return [h, torch.relu(self.cnn.fc(h.flatten(1)))]  # and (B, feature_dim)
 
 
+def decoded_shape(teacher: Denoiser) -> tuple[int, ...] | None:
+    """The image shape a latent teacher's VAE decodes its samples to (``None``: a pixel-space teacher)."""
+    if getattr(teacher, "vae", None) is None or not callable(getattr(teacher, "decode", None)):
+        return None
+    ref = next(teacher.vae.parameters())
+    with torch.no_grad():
+        return tuple(
+            teacher.decode(torch.zeros(1, *teacher.sample_shape, dtype=ref.dtype, device=ref.device)).shape[1:]
+        )
+
+
+class DecodedFeatures(FeatureNetwork):
+    """A pixel-space backbone behind a latent teacher's frozen VAE decoder, ``f(decode(x))``: ADD reads
+    DINOv2 on decoded images. Gradients reach ``x`` through the decoder; neither part trains."""
+
+    def __init__(self, teacher: Denoiser, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.eval().requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher)  # not a submodule: the teacher is frozen elsewhere
+        self.trainable = False
+
+    def forward(self, x: Tensor, sigma: Tensor | None = None, labels: Tensor | None = None) -> list[Tensor]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # the decoder's attention in plain ops: R1 differentiates twice
+            out = self.module(self._teacher.decode(x, grad=True))
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def feature_network(spec: str | nn.Module, teacher: Denoiser, trainable: bool = False) -> FeatureNetwork:
     """A discriminator backbone from a name or a user module (see module docstring)."""
     if isinstance(spec, FeatureNetwork):
@@ -97,9 +127,16 @@ def feature_network(spec: str | nn.Module, teacher: Denoiser, trainable: bool = 
     if spec in ("teacher", "teacher-bottleneck"):
         return teacher_features(teacher, "multi" if spec == "teacher" else "bottleneck", trainable)
     if spec == "classifier":
-        if tuple(teacher.sample_shape) != (1, 8, 8):
-            raise FewstepError("the shipped classifier reads 1x8x8 digits; use features=teacher for this teacher")
         from fewstep.networks.classifier import load_classifier
 
-        return ImageFeatures(ClassifierBackbone(load_classifier()))
+        if tuple(teacher.sample_shape) == (1, 8, 8):
+            return ImageFeatures(ClassifierBackbone(load_classifier()))
+        if decoded_shape(teacher) == (1, 32, 32):
+            from fewstep.teachers import builtin_path
+
+            return DecodedFeatures(teacher, ClassifierBackbone(load_classifier(builtin_path("mnist-classifier"))))
+        raise FewstepError(
+            "the shipped classifiers read 1x8x8 digits or (through a latent teacher's VAE) 1x32x32 MNIST; use "
+            "features=teacher for this teacher"
+        )
     raise FewstepError(f"unknown discriminator features {spec!r}; use one of {', '.join(FEATURES)} or pass a module")

@@ -20,7 +20,10 @@ timesteps and ``c(t) = alpha_t = 1/sqrt(1 + (sigma/sigma_data)^2)``.
 
 Deviations: DINOv2 is replaced by a frozen feature network the user picks (``features``):
 fewstep's shipped digits classifier on digits (its conv map and penultimate vector: note this is
-the feature space FID is measured in), the teacher's own network otherwise, or any ``nn.Module``.
+the feature space FID is measured in), on a latent teacher whose VAE decodes to 1x32x32 (tier 2's
+``builtin:mnist-sd``) the shipped MNIST classifier on the *decoded pixels* as the paper reads
+DINOv2 on decoded images (gradients pass through the frozen decoder), the teacher's own network
+otherwise, or any ``nn.Module``.
 Heads are conditioned on the class label only (ADD adds text and image embeddings) and carry no
 spectral normalisation. Optimiser settings (the paper gives none beyond the loss) are the usual GAN
 ones, Adam with betas (0, 0.99).
@@ -56,6 +59,7 @@ from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods._adversarial import (
     check_levels,
+    decoded_shape,
     feature_network,
     few_step_levels,
     noised,
@@ -77,7 +81,9 @@ class ADDConfig:
     distill_reduce: str = "sum"  # d(x, y) = ||x - y||_2^2 (Sec. 3.2), summed over dimensions; "mean": per pixel
     c_t: str = "exp"  # c(t) = alpha_t ("exponential", Sec. 3.2) or "constant"
     guidance: float = 1.0  # CFG scale of the teacher in L_distill
-    features: str = "auto"  # "classifier" on digits, else "teacher"; stand-in for DINOv2
+    features: str = (
+        "auto"  # "classifier" on digits and 32x32 MNIST latents (decoded), else "teacher"; DINOv2's stand-in
+    )
     feature_sigma: float = 0.0  # level at which "teacher" features read clean images (0 = sigma_min)
     gan_loss: str = "hinge"  # Sec. 3.2
     r1_gamma: float = 1e-5  # R1 weight gamma (unv. in the paper's text)
@@ -126,7 +132,8 @@ class ADD(Method):
         if features is not None:
             spec = features
         elif spec == "auto":
-            spec = "classifier" if tuple(teacher.sample_shape) == (1, 8, 8) else "teacher"
+            shipped = tuple(teacher.sample_shape) == (1, 8, 8) or decoded_shape(teacher) == (1, 32, 32)
+            spec = "classifier" if shipped else "teacher"
         self.features = feature_network(spec, teacher)
         self.discriminator = Discriminator(self.features, teacher.sample_shape, teacher.num_classes, c.head_hidden)
         self.real_score = cfg(teacher, c.guidance) if teacher.num_classes else teacher

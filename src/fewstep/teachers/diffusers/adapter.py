@@ -367,10 +367,11 @@ class DiffusersDenoiser(Denoiser):
         shift = vae.config.get("shift_factor") or 0.0
         return ((z - shift) * vae.config.scaling_factor).to(images.dtype)
 
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [-1, 1] (as the pipeline's ``vae.decode`` step)."""
+    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
+        """Latents -> images in [-1, 1] (as the pipeline's ``vae.decode`` step); ``grad`` lets gradients
+        flow through the frozen decoder to ``latents`` (a pixel-space discriminator on a student's output)."""
         vae = self._codec()
         shift = vae.config.get("shift_factor") or 0.0
-        z = latents / vae.config.scaling_factor + shift
-        return vae.decode(z.to(next(vae.parameters()).dtype)).sample.to(latents.dtype)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            z = latents / vae.config.scaling_factor + shift
+            return vae.decode(z.to(next(vae.parameters()).dtype)).sample.to(latents.dtype)

@@ -96,8 +96,8 @@ class LoRATeacher(Denoiser):
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.base.encode(images, generator)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.base.decode(latents)
+    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
+        return self.base.decode(latents, grad)
 
     accepts_extra_inputs = False  # adapters cannot add a network input (LCM's w embedding)
 
