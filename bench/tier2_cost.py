@@ -23,7 +23,7 @@ RUNS = {  # the rows of bench/tier2_methods.sh: teacher, method, batch, options
     "lcm": ("builtin:mnist-sd", "lcm", 32, {"guidance": (W, W), "sample_guidance": W, "lr": 1e-4}),
     "cd": ("builtin:mnist-sd", "cd", 32, {"guidance": (W, W), "guidance_input": False}),
     "dmd2": ("builtin:mnist-sd", "dmd2", 32, {"guidance": W, "lr": 1e-5, "fake_lr": 1e-5}),
-    "sid": ("builtin:mnist-sd", "sid", 32, {"guidance": W}),
+    "sid": ("builtin:mnist-sd", "sid", 32, {"guidance": W, "fake_guidance": W, "fake_eval_guidance": W}),
     "guided": ("builtin:mnist-sd", "guided", 32,
                {"stage_one_steps": 300, "start_steps": 16, "steps_per_round": 250, "guidance": W}),
     "ufogen": ("builtin:mnist-sd", "ufogen", 32, {}),

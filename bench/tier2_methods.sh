@@ -15,8 +15,9 @@
 # lcm_lora = LCM-LoRA (rank 64, lr 1e-4, AdamW, 500 warm-up steps, no target copy, no w input, pairs on
 # the 50-step DDIM grid: the method's LoRA defaults) with the peer script's own l2 loss and weight decay
 # 1e-2, lcm_lora_readme = the same with the method's own defaults (the README command of diffusers'
-# consistency_distillation: pseudo-Huber loss, no weight decay), lcm = full-UNet LCM with LCM's w input (lr raised from SD's 1e-6 for a 15-minute budget), dmd2 /
-# sid with the guided real score, guided = Meng et al.'s two stages (w in [1, 5], sampled at W) shortened
+# consistency_distillation: pseudo-Huber loss, no weight decay), lcm = full-UNet LCM with LCM's w input (lr raised from SD's 1e-6 for a 15-minute budget), dmd2 with the guided
+# real score, sid = SiD-LSG (long and short guidance: the scale W on the teacher, on the fake score in its
+# own loss and in the generator's), guided = Meng et al.'s two stages (w in [1, 5], sampled at W) shortened
 # to fit 15 minutes (300 stage-one steps, rounds 16 -> 8 -> 4 -> 2 -> 1 of 250 steps), ufogen on real data
 # (it has no teacher guidance: its samples follow the data, scored against the guided teacher all the same),
 # add = ADD with its SDXL-Turbo defaults, the guided teacher in its distillation loss and its discriminator
@@ -38,7 +39,7 @@ lcm_lora_readme lora:64:$T lcm 15 16 guidance=W,W
 lcm        $T          lcm   15 32 guidance=W,W sample_guidance=W lr=1e-4
 cd         $T          cd    15 32 guidance=W,W guidance_input=false
 dmd2       $T          dmd2  15 32 guidance=W lr=1e-5 fake_lr=1e-5
-sid        $T          sid   15 32 guidance=W
+sid        $T          sid   15 32 guidance=W fake_guidance=W fake_eval_guidance=W
 kd         $T          kd    15 64 guidance=W
 guided     $T          guided 15 32 stage_one_steps=300 start_steps=16 steps_per_round=250 guidance=W
 ufogen     $T          ufogen 15 32

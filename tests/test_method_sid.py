@@ -118,3 +118,32 @@ def test_runs_under_the_engine_and_reloads(tmp_path):
     assert m.run.summary["step"] == 3 and loaded.run.step == 3
     z, c = torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1])
     assert torch.allclose(loaded.sample(z, 1, c), m.sample(z, 1, c))
+
+
+def test_lsg_guides_both_scores_and_drops_prompts_in_the_fake_step():
+    """SiD-LSG (arXiv 2406.01561): with psi = the teacher and kappa_2 = kappa_4 the generator gradient is
+    zero (both guided scores agree; to rounding, as plain SiD's on this network); kappa_2 != kappa_4 moves it; psi's own step runs on its
+    kappa_1-guided output with about a tenth of the labels replaced by the null label."""
+    teacher = tiny_teacher("mlp", num_classes=3)
+    torch.manual_seed(0)
+    same = SiD(teacher, SiD.Config(guidance=2.0, fake_guidance=2.0, fake_eval_guidance=2.0))
+    same.losses(Batch(size=64), 0, {"student"})["student"].backward()
+    zero = max(g.abs().max().item() for g in grads_of(same.student) if g is not None)
+    torch.manual_seed(0)
+    other = SiD(teacher, SiD.Config(guidance=2.0, fake_guidance=2.0, fake_eval_guidance=1.0))
+    other.losses(Batch(size=64), 0, {"student"})["student"].backward()
+    moved = max(g.abs().max().item() for g in grads_of(other.student) if g is not None)
+    assert zero < 1e-8 < 1e-3 < moved
+    seen = []
+    hook = same.fake_score.register_forward_hook(lambda mod, args, out: seen.append(args[2].clone()))
+    same.losses(Batch(size=2000), 0, {"fake_score"})["fake_score"].backward()
+    hook.remove()
+    (labels,) = seen  # one call: conditional and null halves as one batch (CFG)
+    cond, null = labels.chunk(2)
+    assert null.eq(3).all() and 0.07 < cond.eq(3).float().mean() < 0.13
+    plain = SiD(teacher)  # SiD's defaults: psi unguided, no dropped labels
+    seen.clear()
+    hook = plain.fake_score.register_forward_hook(lambda mod, args, out: seen.append(args[2].clone()))
+    plain.losses(Batch(size=200), 0, {"fake_score"})
+    hook.remove()
+    assert len(seen) == 1 and len(seen[0]) == 200 and not seen[0].eq(3).any()

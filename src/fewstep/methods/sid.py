@@ -26,12 +26,17 @@ teacher gives a zero generator gradient; psi's samples come from G in eval mode;
 train mode; the evaluated network is G's EMA.
 
 Stable Diffusion setting: SiD-LSG (Zhou et al. 2024, arXiv 2406.01561; mingyuanzhou/SiD-LSG
-``run_sid.sh``, checked) uses "long and short guidance": CFG 2 on the fake score while it trains and
-on both scores in the generator loss (kappa_1..4 = 2), alpha 1, the generator fed at DDPM timestep 625,
-Adam lr 1e-6 for both networks, batch 512, EMA half-life 0.05 Mimg. fewstep's ``guidance`` guides the
-real score only (the fake score stays unguided): the LSG variant is not implemented; on a diffusers
-teacher set ``--set alpha=1 lr=1e-6 fake_lr=1e-6 guidance=W`` for the rest (tier 2 of the benchmark
-keeps the defaults with ``guidance=W``).
+``run_sid.sh`` and ``training/sid_training_loop.py``, checked) uses "long and short guidance": CFG
+``kappa_1`` on the fake score's output in its own denoising loss (``fake_guidance``; the prompts of that
+step, for the generator's samples as well, replaced by the empty prompt with probability 0.1 so psi
+learns the unconditional branch — ``label_dropout``, on whenever a psi scale is not 1), CFG
+``kappa_2 = kappa_3`` on the fake score in the generator loss (``fake_eval_guidance``) and ``kappa_4`` on
+the teacher (``guidance``); run_sid.sh sets all four to 2, alpha 1, the generator fed at DDPM timestep
+625, Adam lr 1e-6 for both networks, batch 512, EMA half-life 0.05 Mimg. fewstep's defaults keep SiD's
+(scales 1); tier 2 of the benchmark sets ``guidance = fake_guidance = fake_eval_guidance = W`` (LSG at
+the guided setting's scale) and keeps SiD's other defaults for a 15-minute budget. LSG's psi loss is
+the epsilon MSE at uniform DDPM timesteps; fewstep keeps SiD's EDM-weighted loss at log-normal levels
+on the guided output (the same minimiser per level, another weighting over levels).
 
 Deviations: generator labels are drawn uniformly (the reference reads them from the data set); the
 reference evaluates an EMA of G (half-life 500 kimg, ramp-up 0.05), which is the engine's evaluation
@@ -74,7 +79,10 @@ class SiDConfig:
     p_std: float = 1.2
     rho: float = 7.0
     fake_updates: int = 1  # fake-score steps per generator step (1 in the reference loop)
-    guidance: float = 1.0  # CFG scale of the real score (1 = the plain conditional teacher)
+    guidance: float = 1.0  # CFG scale of the real score (1 = the plain conditional teacher); LSG's kappa_4
+    fake_guidance: float = 1.0  # LSG's kappa_1: CFG on psi's output in its own loss
+    fake_eval_guidance: float = 1.0  # LSG's kappa_2 = kappa_3: CFG on psi in the generator loss
+    label_dropout: float = 0.1  # LSG: null labels in psi's step when a psi scale is not 1
     grad_clip: float | None = None
     dropout: float | None = None  # dropout of G and psi; None keeps the teacher's (as the reference)
 
@@ -119,6 +127,9 @@ class SiD(Method):
         set_dropout(self.student, c.dropout)
         set_dropout(self.fake_score, c.dropout)
         self.real_score = cfg(self.teacher, c.guidance)  # the teacher itself when guidance == 1
+        self.fake_train = cfg(self.fake_score, c.fake_guidance)  # LSG's kappa_1 (psi itself at 1)
+        self.fake_eval = cfg(self.fake_score, c.fake_eval_guidance)  # LSG's kappa_2 = kappa_3
+        self.lsg = c.fake_guidance != 1.0 or c.fake_eval_guidance != 1.0
 
     def networks(self) -> dict[str, nn.Module]:
         return {"student": self.student, "fake_score": self.fake_score}
@@ -132,7 +143,7 @@ class SiD(Method):
         sigma = sid_sigma(x_g.shape[0], c.tmax, t.sigma_min, t.sigma_max, c.rho).to(x_g)
         x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
         with no_param_grad(self.fake_score), eval_mode(self.fake_score):  # the reference: psi.eval(), frozen
-            f_fake = self.fake_score(x_t, sigma, cond)
+            f_fake = self.fake_eval(x_t, sigma, cond)
         f_real = self.real_score(x_t, sigma, cond)
         return sid_generator_loss(x_g, f_real, f_fake, c.alpha)
 
@@ -140,10 +151,13 @@ class SiD(Method):
         out: dict[str, Tensor] = {}
         if "fake_score" in due:  # Algorithm 1, psi step: EDM-weighted DSM on sg(G(z))
             z, cond = generator_inputs(batch, self.student, self.teacher)
+            if self.lsg and cond is not None and self.config.label_dropout > 0:  # LSG's context dropout
+                drop = torch.rand(cond.shape[0], device=cond.device) < self.config.label_dropout
+                cond = torch.where(drop, self.teacher.num_classes, cond)
             with torch.no_grad(), eval_mode(self.student):  # the reference samples with G.eval()
                 x = self.student(z, cond)
             sigma = sample_lognormal(x.shape[0], self.config.p_mean, self.config.p_std).to(x)
-            out["fake_score"] = dsm_loss(self.fake_score, x, cond, sigma)
+            out["fake_score"] = dsm_loss(self.fake_train, x, cond, sigma)
         if "student" in due:
             z, cond = generator_inputs(batch, self.student, self.teacher)
             out["student"] = self.generator_loss(self.student(z, cond), cond)
