@@ -121,9 +121,10 @@ def test_runs_under_the_engine_and_reloads(tmp_path):
 
 
 def test_lsg_guides_both_scores_and_drops_prompts_in_the_fake_step():
-    """SiD-LSG (arXiv 2406.01561): with psi = the teacher and kappa_2 = kappa_4 the generator gradient is
-    zero (both guided scores agree; to rounding, as plain SiD's on this network); kappa_2 != kappa_4 moves it; psi's own step runs on its
-    kappa_1-guided output with about a tenth of the labels replaced by the null label."""
+    """SiD-LSG (arXiv 2406.01561): with psi = the teacher and kappa_2 = kappa_4 the generator gradient
+    is zero (both guided scores agree; to rounding, as plain SiD's on this network); kappa_2 != kappa_4
+    moves it; psi's own step runs on its kappa_1-guided output with about a tenth of the labels
+    replaced by the null label."""
     teacher = tiny_teacher("mlp", num_classes=3)
     torch.manual_seed(0)
     same = SiD(teacher, SiD.Config(guidance=2.0, fake_guidance=2.0, fake_eval_guidance=2.0))
