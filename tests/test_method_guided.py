@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -153,3 +154,16 @@ def test_engine_run_resumes_exactly(tmp_path):
     assert m.schedule.round_of(6) == 1
     noise, labels = torch.randn(3, 2), torch.randint(0, 3, (3,))
     assert not torch.equal(m.sample(noise, 1, labels, guidance=1.0), m.sample(noise, 1, labels, guidance=4.0))
+    # `fewstep sample --guidance W` reaches the w-conditioned student (the same samples as sample(..., W))
+    from fewstep.cli import main
+    from fewstep.seeding import seeded_labels, seeded_noise
+
+    out = tmp_path / "s.npz"
+    assert (
+        main(
+            ["sample", "--model", str(tmp_path / "a"), "--steps", "1", "-n", "4", "--guidance", "4", "--out", str(out)]
+        )
+        == 0
+    )
+    expected = m.sample(seeded_noise(range(4), (2,)), 1, seeded_labels(range(4), 3), guidance=4.0)
+    np.testing.assert_allclose(np.load(out)["samples"], expected.numpy(), rtol=0, atol=1e-5)

@@ -206,7 +206,9 @@ def test_sample_a_run_with_its_method_sampler_and_teachers_still_work(tmp_path, 
     assert main(["sample", "--model", str(out), "--steps", "1", "-n", "16", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").is_file()
     assert main(["sample", "--model", str(out), "--solver", "heun", "--out", str(tmp_path / "x.png")]) == 2
-    one_line_error(capsys, "--solver and --guidance apply to teachers")
+    one_line_error(capsys, "--solver applies to teachers")
+    assert main(["sample", "--model", str(out), "--guidance", "2", "--out", str(tmp_path / "x.png")]) == 2
+    one_line_error(capsys, "--guidance: this denoise student has no guidance input")
     assert main(["sample", "--model", teacher_dir, "--steps", "3", "-n", "4", "--out", str(tmp_path / "t.npz")]) == 0
     assert "heun, 5 NFE" in capsys.readouterr().out
 

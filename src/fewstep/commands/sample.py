@@ -38,14 +38,16 @@ def generate(model, seeds, solver: str, steps: int, label: int | None, guidance:
     return x, labels, counted[0]
 
 
-def generate_student(method, seeds, steps: int, label: int | None, batch: int = 256):
-    """Seeded samples of a run's student with ``method.sample``: ``(samples, labels, steps)``."""
+def generate_student(method, seeds, steps: int, label: int | None, batch: int = 256, guidance: float | None = None):
+    """Seeded samples of a run's student with ``method.sample``: ``(samples, labels, steps)``; ``guidance``
+    goes to a student with a guidance input (``method.guidance_input``)."""
     from fewstep.eval.sampling import generate as seeded
 
     t = method.teacher
     labels = _labels(seeds, t.num_classes, label)
     device = next(method.student.parameters()).device
-    fn = lambda z, y: method.sample(z.to(device), steps, cond=None if y is None else y.to(device)).cpu()  # noqa: E731
+    kw = {} if guidance is None else {"guidance": guidance}
+    fn = lambda z, y: method.sample(z.to(device), steps, cond=None if y is None else y.to(device), **kw).cpu()  # noqa: E731
     x, _ = seeded(fn, seeds, t.sample_shape, t.num_classes, batch, labels)
     return x, labels, steps
 
@@ -55,14 +57,17 @@ def run_student(args) -> int:
     from fewstep.runs import load_run
     from fewstep.viz import save_samples
 
-    if args.solver is not None or args.guidance != 1.0:
-        raise FewstepError(
-            "--solver and --guidance apply to teachers; a run's student samples with its method's sampler"
-        )
+    if args.solver is not None:
+        raise FewstepError("--solver applies to teachers; a run's student samples with its method's sampler")
     method = load_run(args.model)
+    if args.guidance is not None and not method.guidance_input:
+        raise FewstepError(
+            f"--guidance: this {method.name} student has no guidance input (it samples at the scale it was "
+            "distilled at); drop --guidance, or distil with guided, or lcm/cd with a guidance input"
+        )
     args.steps = args.steps or method.default_steps[0]
     seeds = range(args.seed, args.seed + args.n)
-    x, labels, steps = generate_student(method, seeds, args.steps, args.label, args.batch)
+    x, labels, steps = generate_student(method, seeds, args.steps, args.label, args.batch, args.guidance)
     path = save_samples(x, labels, seeds, args.out, model=method.teacher)
     print(f"wrote {args.n} samples ({method.name} student, {steps} step(s), step {method.run.step}) to {path}")
     return 0
@@ -84,7 +89,8 @@ def run(args) -> int:
     args.solver, args.steps = args.solver or "heun", args.steps or 18
     model = load_teacher(args.model)
     seeds = range(args.seed, args.seed + args.n)
-    x, labels, nfe = generate(model, seeds, args.solver, args.steps, args.label, args.guidance, args.batch)
+    guidance = 1.0 if args.guidance is None else args.guidance
+    x, labels, nfe = generate(model, seeds, args.solver, args.steps, args.label, guidance, args.batch)
     path = save_samples(x, labels, seeds, args.out, model=model)
     print(f"wrote {args.n} samples ({args.solver}, {nfe} NFE) to {path}")
     return 0
@@ -100,7 +106,11 @@ def register(sub) -> None:
     p.add_argument("-n", type=int, default=64, help="number of samples")
     p.add_argument("--out", required=True, help="a .png (grid or scatter) or .npz (raw samples and labels) path")
     p.add_argument("--label", type=int, default=None, help="class label for every sample (default: random per seed)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional)")
+    p.add_argument(
+        "--guidance", type=float, default=None,
+        help="classifier-free guidance scale of a teacher (default 1 = conditional), or the scale a student with "
+        "a guidance input (guided; lcm/cd with w input) samples at (default: its own)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i")
     p.add_argument("--batch", type=int, default=256)
     p.set_defaults(func=run)

@@ -118,6 +118,8 @@ class Method:
     # engine options of the method's reference (e.g. its evaluation EMA), used by new runs where the
     # user gives none of the same group (``{"ema_decay": 0.0}``: the reference scores raw weights)
     engine_defaults: ClassVar[dict[str, Any]] = {}
+    # whether ``sample(..., guidance=w)`` picks the scale at sampling time (a student with a w input)
+    guidance_input: bool = False
 
     def __init__(self, teacher: Denoiser, config: Any = None) -> None:
         self.teacher = teacher.eval().requires_grad_(False)

@@ -139,6 +139,7 @@ class ConsistencyDistillation(Method):
         if c.target_decay is None:  # LCM-LoRA's script has no target copy: the online network gives the target
             c.target_decay = 0.0 if lora else 0.95
         self.w_input = c.guidance is not None and c.guidance_input
+        self.guidance_input = self.w_input
         extra_dims = 1 if self.w_input else 0
         self.student = student if student is not None else consistency_student(teacher, extra_dims)
         set_dropout(self.student, c.dropout)

@@ -63,6 +63,7 @@ class GuidedDistillation(RoundMethod):
     title = "Guided distillation (Meng et al. 2023)"
     needs_data = True
     Config = GuidedConfig
+    guidance_input = True  # sample(..., guidance=w): the w-conditioned student
 
     def __init__(self, teacher: Denoiser, config: GuidedConfig | None = None, student: nn.Module | None = None):
         if not getattr(teacher, "num_classes", 0):
