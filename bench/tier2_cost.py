@@ -30,6 +30,9 @@ RUNS = {  # the rows of bench/tier2_methods.sh: teacher, method, batch, options
     "add": ("builtin:mnist-sd", "add", 32, {"guidance": W}),
     "progressive": ("builtin:mnist-sd", "progressive", 32, {"start_steps": 16, "steps_per_round": 300}),
     "lightning": ("builtin:mnist-sd", "lightning", 32, {"start_steps": 16, "steps_per_round": 300}),
+    "progressive_w": ("builtin:mnist-sd", "progressive", 32,
+                      {"start_steps": 16, "steps_per_round": 300, "guidance": W}),
+    "lightning_w": ("builtin:mnist-sd", "lightning", 32, {"start_steps": 16, "steps_per_round": 300, "guidance": W}),
 }  # fmt: skip
 STEPS = 12  # iterations measured (two-time-scale methods update the generator every few)
 

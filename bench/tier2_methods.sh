@@ -22,8 +22,8 @@
 # (it has no teacher guidance: its samples follow the data, scored against the guided teacher all the same),
 # add = ADD with its SDXL-Turbo defaults, the guided teacher in its distillation loss and its discriminator
 # on VAE-decoded pixels through the shipped MNIST classifier (DINOv2's stand-in);
-# progressive and lightning distil the unguided teacher (no guidance option), so they belong to the
-# unguided setting, W=1 (rounds 16 -> 8 -> 4 -> 2 -> 1 of 300 steps to fit 15 minutes).
+# progressive and lightning distil the plain teacher (the unguided setting, W=1; rounds 16 -> 8 -> 4 -> 2 -> 1
+# of 300 steps to fit 15 minutes), progressive_w / lightning_w the teacher guided at W in round 0 (guided setting).
 # EVAL_ARGS (default: the quick protocol, 2,000 samples x 1 seed range) is passed to `fewstep eval`.
 set -euo pipefail
 ROOT=${1:?usage: tier2_methods.sh OUT_ROOT NAME...}
@@ -46,6 +46,8 @@ ufogen     $T          ufogen 15 32
 add        $T          add   15 32 guidance=W
 progressive $T         progressive 15 32 start_steps=16 steps_per_round=300
 lightning  $T          lightning 15 32 start_steps=16 steps_per_round=300
+progressive_w $T       progressive 15 32 start_steps=16 steps_per_round=300 guidance=W
+lightning_w $T         lightning 15 32 start_steps=16 steps_per_round=300 guidance=W
 "
 EVAL=${EVAL_ARGS:---n 2000 --seeds 1 --fidelity-n 100}
 PY=${PY:-.venv/bin/python}

@@ -183,3 +183,28 @@ def test_loss_weights_are_the_closed_forms():
     edm = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     torch.testing.assert_close(loss_weight(sigma, "edm", 0.5), edm)
     torch.testing.assert_close(loss_weight(sigma, "constant"), torch.ones_like(sigma))
+
+
+def test_guidance_guides_round_zeros_teacher_only():
+    """``guidance=w``: round 0 distils two DDIM steps of the guided teacher (and the sampler's
+    fine-grid fallback is the guided teacher); later rounds' teachers are the kept students."""
+    from fewstep.guidance import cfg
+    from fewstep.methods.lightning import Lightning, LightningConfig
+
+    teacher = tiny_teacher()
+    c = ProgressiveConfig(start_steps=4, steps_per_round=2, guidance=3.0)
+    m, b = ProgressiveDistillation(teacher, c), batch()
+    guided = cfg(teacher, 3.0)
+    x, s = torch.randn(5, 2, dtype=torch.float64), torch.full((5,), 2.0, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    torch.testing.assert_close(m.round_teacher(0)(x, s, y), guided(x, s, y), rtol=0, atol=0)
+    assert ProgressiveDistillation(teacher, ProgressiveConfig(start_steps=4)).round_teacher(0) is teacher
+    assert m.round_teacher(1) is m.student_2 and m.model_for(4)[0] is m.start_teacher
+    torch.manual_seed(0)
+    got = m.losses(b, 0, {"student"})["student"]
+    torch.manual_seed(0)
+    want = pd_loss(lambda x, s: m.student(x, s, b.labels), lambda x, s: guided(x, s, b.labels), b.x, 2, m.fine,
+                   c.weighting, teacher.sigma_data)  # fmt: skip
+    assert torch.equal(got, want)
+    lightning = Lightning(teacher, LightningConfig(start_steps=4, guidance=3.0))
+    torch.testing.assert_close(lightning.round_teacher(0)(x, s, y), guided(x, s, y), rtol=0, atol=0)

@@ -159,7 +159,7 @@ def kept_student(
     picks one by :func:`pick_steps`: ``final`` is ``method.student`` — the run's student, holding
     the engine's evaluation EMA at sampling time — the others the copies ``method.student_<k>``;
     from the fine grid's count up, the teacher."""
-    n, teacher = len(fine) - 1, method.teacher
+    n, teacher = len(fine) - 1, getattr(method, "start_teacher", method.teacher)
     if n % steps == 0:
         grid = subgrid(fine, steps)
     else:
@@ -217,6 +217,7 @@ class RoundMethod(Method):
             raise FewstepError(f"start_steps ({c.start_steps}) must exceed end_steps ({c.end_steps})")
         self.schedule = RoundSchedule(tuple(self.counts), c.steps_per_round, offset)
         self.fine = karras_sigmas(c.start_steps, teacher.sigma_min, teacher.sigma_max, c.rho)
+        self.start_teacher = teacher  # round 0's teacher (a guided wrapper where a method's guidance asks)
         # round 0 starts from the teacher, or from a given student (a smaller network warmed up by compress)
         self.student = student if student is not None else copy_teacher(teacher, extra_dims=extra_dims)
         set_dropout(self.student, c.dropout)
@@ -240,9 +241,10 @@ class RoundMethod(Method):
         }
 
     def round_teacher(self, r: int) -> nn.Module:
-        """Round ``r``'s teacher: the kept copy of ``counts[r]`` steps, else (round 0 of PD) the teacher."""
+        """Round ``r``'s teacher: the kept copy of ``counts[r]`` steps, else (round 0 of PD) the teacher
+        (guided at the method's ``guidance`` where it has one)."""
         k = self.schedule.teacher_steps(r)
-        return getattr(self, f"student_{k}") if k in self.kept else self.teacher
+        return getattr(self, f"student_{k}") if k in self.kept else self.start_teacher
 
     def model_for(self, steps: int) -> tuple[nn.Module, Tensor]:
         """The kept student serving ``steps`` and its sampling grid (see :func:`kept_student`)."""

@@ -21,6 +21,8 @@ teacher exactly, by an adversarial loss (Sec. 3.1-3.3):
 
 Rounds, grids, the kept per-round students and sampling are those of progressive distillation
 (each round's student stays evaluable: ``sample(noise, steps=k)`` uses the ``k``-step student).
+``guidance`` guides round 0's teacher (the first stage's teacher is the guided SDXL; later stages'
+teachers are the previous students, which learned the guided flow); 1 = the plain model.
 
 Deviations: the encoder backbone is the frozen teacher (the paper's backbone is the pre-trained
 UNet encoder; whether it is fine-tuned is not stated), the heads are class-conditioned by
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
+from fewstep.guidance import cfg
 from fewstep.losses import loss_weight, weighted_mse
 from fewstep.methods import register
 from fewstep.methods._adversarial import feature_network
@@ -70,6 +73,7 @@ class LightningConfig(RoundConfig):
     betas: tuple[float, float] = (0.0, 0.99)
     gen_every: int = 1
     dropout: float | None = 0.0  # student dropout (None: the teacher's)
+    guidance: float = 1.0  # CFG scale of round 0's teacher (SDXL-Lightning distils the guided SDXL)
 
 
 class PairDiscriminator(nn.Module):
@@ -100,6 +104,7 @@ class Lightning(RoundMethod):
                  student: nn.Module | None = None) -> None:  # fmt: skip
         super().__init__(teacher, config if config is not None else LightningConfig(), student=student)
         c = self.config
+        self.start_teacher = cfg(teacher, c.guidance)  # the teacher itself at 1
         if not 0 <= c.cond_fraction <= 1:
             raise FewstepError(f"cond_fraction must lie in [0, 1], got {c.cond_fraction}")
         if c.gen_every < 1:

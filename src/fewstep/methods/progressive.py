@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.guidance import cfg
 from fewstep.methods import register
 from fewstep.methods._rounds import RoundConfig, RoundMethod, pd_loss
 from fewstep.methods.base import Batch
@@ -67,7 +68,11 @@ from fewstep.solvers import ddim_sample
 class ProgressiveConfig(RoundConfig):
     """PD's options: the round schedule (``start_steps`` -> ... -> ``end_steps``, ``steps_per_round``
     iterations each), Adam's ``lr`` (``lr_anneal``: the paper's linear decay within each round), the
-    loss ``weighting`` (``snr_trunc`` = ``max(SNR, 1)``) and the student's ``dropout``."""
+    loss ``weighting`` (``snr_trunc`` = ``max(SNR, 1)``), the student's ``dropout`` and ``guidance``: the
+    CFG scale of round 0's teacher (1 = the plain model, the paper's setting; another scale distils the
+    guided teacher at that one scale, Meng et al.'s stage two without a w input)."""
+
+    guidance: float = 1.0
 
 
 @register
@@ -83,6 +88,7 @@ class ProgressiveDistillation(RoundMethod):
         self, teacher: Denoiser, config: ProgressiveConfig | None = None, student: nn.Module | None = None
     ) -> None:
         super().__init__(teacher, config if config is not None else ProgressiveConfig(), student=student)
+        self.start_teacher = cfg(teacher, self.config.guidance)  # the teacher itself at 1
 
     def losses(self, batch: Batch, step: int, due: set[str]) -> dict[str, Tensor]:
         """Algorithm 2 (:func:`~fewstep.methods._rounds.pd_loss`) for this iteration's round: the
