@@ -8,7 +8,8 @@ A latent text-to-image teacher is the stock diffusers ``StableDiffusionPipeline`
   and a ``CLIPTokenizer`` whose byte-level BPE vocabulary fewstep writes itself
   (:func:`write_tokenizer`): the 256 byte symbols with and without the end-of-word mark, and
   merges that spell every word of the captions whole — any other text still tokenises (into
-  smaller pieces). The encoder is frozen at its seeded initialisation, as SD keeps CLIP frozen;
+  smaller pieces). The trainer pre-trains the encoder CLIP-style on the captions, then freezes it, as SD
+  keeps its pre-trained CLIP frozen (:func:`fewstep.train.latent_teacher._pretrain_text`);
 - ``unet``: ``UNet2DConditionModel`` with cross-attention on the text (4x8x8 latents);
 - ``scheduler``: SD's ``scaled_linear`` DDPM betas (0.00085 -> 0.012, 1000 steps, epsilon
   prediction) in a ``DPMSolverMultistepScheduler`` (DPM-Solver++, what SD users run).
