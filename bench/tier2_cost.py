@@ -5,7 +5,7 @@ the teacher's encoder are not counted), trainable
 parameters (full copy vs LoRA), and the peak resident memory of a process that trains 12 iterations
 at the benchmark's batch on builtin:mnist-sd (each method in a fresh process, so peaks do not mix).
 
-    python bench/tier2_cost.py --guidance 3 lcm_lora lcm cd guided ufogen dmd2 sid
+    python bench/tier2_cost.py --guidance 1.25 lcm_lora lcm cd guided ufogen dmd2 sid
 """
 
 from __future__ import annotations

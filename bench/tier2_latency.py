@@ -6,7 +6,7 @@ passes per step). Students are copies of the teacher's UNet, so a k-step student
 pipeline at k steps without guidance (``LCMScheduler``, guidance 1); a LoRA student fused into the
 UNet costs the same. Prints a markdown table.
 
-    python bench/tier2_latency.py --teacher src/fewstep/assets/mnist-sd --guidance 3
+    python bench/tier2_latency.py --teacher src/fewstep/assets/mnist-sd --guidance 1.25
 """
 
 from __future__ import annotations

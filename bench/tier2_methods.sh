@@ -6,7 +6,7 @@
 # Distil with a wall-clock budget, then `fewstep eval` against the guided teacher with DPM-Solver++(2M)
 # at 25 NFE as the reference (what SD users run) and Euler/DPM-Solver++ baselines at 1-8 NFE:
 #
-#   W=3 bash bench/tier2_methods.sh runs/t2 lcm_lora dmd2 &  W=3 bash bench/tier2_methods.sh runs/t2 lcm sid &
+#   W=1.25 bash bench/tier2_methods.sh runs/t2 lcm_lora dmd2 &  W=1.25 bash bench/tier2_methods.sh runs/t2 lcm sid &
 #
 # "peer" runs diffusers' train_lcm_distill_lora_sd_wds.py (adapted: bench/peer_lcm_lora_sd.py) for the same
 # 15 minutes at w' = W - 1 and scores its LoRA through bench/peer_to_run.py with the same `fewstep eval`.

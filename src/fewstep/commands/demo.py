@@ -36,7 +36,7 @@ from fewstep.errors import FewstepError
 PREFERENCE = ("cd", "kd", "tract", "progressive", "sid", "ctm", "dmd2", "denoise")
 # tier 2 (docs/benchmarks.md, "Tier 2"): the guided setting's scale and the lcm row of bench/tier2_methods.sh
 TIER2 = {
-    "teacher": "builtin:mnist-sd", "method": "lcm", "data": "mnist", "guidance": 3.0, "batch": 32,
+    "teacher": "builtin:mnist-sd", "method": "lcm", "data": "mnist", "guidance": 1.25, "batch": 32,
     "options": {"lr": 1e-4}, "n": 1000, "fidelity_n": 100,
 }  # fmt: skip
 
