@@ -375,7 +375,7 @@ def test_demo_tier_2_distils_and_scores_the_guided_text_teacher(sd_folder, tmp_p
     assert "FID ratio at 1 NFE" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     protocol = results["protocol"]
-    assert (protocol["guidance"], protocol["teacher_solver"], protocol["teacher_nfe"]) == (3.0, "dpmpp_2m", 25)
+    assert (protocol["guidance"], protocol["teacher_solver"], protocol["teacher_nfe"]) == (1.25, "dpmpp_2m", 25)
     assert protocol["n"] == 500 and protocol["fidelity_n"] == 4 and results["method"] == "lcm"
     options = json.loads((out / "config.json").read_text())["method"]["options"]
-    assert options["guidance"] == [3.0, 3.0] and options["sample_guidance"] == 3.0 and options["lr"] == 1e-4
+    assert options["guidance"] == [1.25, 1.25] and options["sample_guidance"] == 1.25 and options["lr"] == 1e-4
