@@ -42,6 +42,14 @@ class CFGDenoiser(Denoiser):
         return d_u + w * (d_c - d_u)
 
 
+def drop_labels(labels: Tensor | None, p: float, null: int) -> Tensor | None:
+    """``labels`` with each replaced by the ``null`` label with probability ``p`` (the label dropout that
+    trains a model's unconditional branch for guidance; Ho & Salimans 2022)."""
+    if labels is None or p <= 0:
+        return labels
+    return torch.where(torch.rand(labels.shape[0], device=labels.device) < p, null, labels)
+
+
 def cfg(denoiser: Denoiser, scale: float | Tensor) -> Denoiser:
     """Wrap ``denoiser`` with classifier-free guidance of strength ``scale`` (1 = conditional).
 

@@ -49,6 +49,7 @@ from torch.nn import functional as F
 
 from fewstep.denoiser import Denoiser, EDMDenoiser, append_dims
 from fewstep.errors import FewstepError
+from fewstep.guidance import drop_labels
 from fewstep.losses import edm_weight
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
@@ -167,9 +168,7 @@ class Compress(Method):
             raise FewstepError("compress needs real data in the batch; pass --data")
         c, x0, labels = self.config, batch.x, batch.labels
         sigma = sample_lognormal(x0.shape[0], c.p_mean, c.p_std).to(x0.device, x0.dtype)
-        if labels is not None and c.label_dropout > 0:
-            drop = torch.rand(x0.shape[0], device=x0.device) < c.label_dropout
-            labels = torch.where(drop, self.teacher.num_classes, labels)
+        labels = drop_labels(labels, c.label_dropout, self.teacher.num_classes)
         t = self.loss_terms(x0, labels, sigma, torch.randn_like(x0))
         loss = c.lambda_task * t["task"] + c.lambda_out * t["out"]
         if "feat" in t:

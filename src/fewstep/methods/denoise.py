@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.guidance import drop_labels
 from fewstep.losses import edm_loss
 from fewstep.methods import register
 from fewstep.methods.base import Batch, Method, OptimizerSpec
@@ -98,9 +99,7 @@ class Denoise(Method):
             raise FewstepError("denoise needs real data in the batch; pass --data")
         x0, labels = batch.x, batch.labels
         sigma = (torch.randn(x0.shape[0], device=x0.device) * self.config.p_std + self.config.p_mean).exp()
-        if labels is not None and self.config.label_dropout > 0:
-            drop = torch.rand(x0.shape[0], device=x0.device) < self.config.label_dropout
-            labels = torch.where(drop, self.teacher.num_classes, labels)
+        labels = drop_labels(labels, self.config.label_dropout, self.teacher.num_classes)
         return {"student": self.edm_loss(x0, labels, sigma, torch.randn_like(x0))}
 
     @torch.no_grad()

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from fewstep.denoiser import Denoiser, append_dims
 from fewstep.errors import FewstepError
-from fewstep.guidance import cfg
+from fewstep.guidance import cfg, drop_labels
 from fewstep.methods import register
 from fewstep.methods._fake_score import dsm_loss, eval_mode, fake_score_first, generator_inputs, make_fake_score
 from fewstep.methods.base import Batch, Method, OptimizerSpec
@@ -151,9 +151,8 @@ class SiD(Method):
         out: dict[str, Tensor] = {}
         if "fake_score" in due:  # Algorithm 1, psi step: EDM-weighted DSM on sg(G(z))
             z, cond = generator_inputs(batch, self.student, self.teacher)
-            if self.lsg and cond is not None and self.config.label_dropout > 0:  # LSG's context dropout
-                drop = torch.rand(cond.shape[0], device=cond.device) < self.config.label_dropout
-                cond = torch.where(drop, self.teacher.num_classes, cond)
+            if self.lsg:  # LSG's context dropout
+                cond = drop_labels(cond, self.config.label_dropout, self.teacher.num_classes)
             with torch.no_grad(), eval_mode(self.student):  # the reference samples with G.eval()
                 x = self.student(z, cond)
             sigma = sample_lognormal(x.shape[0], self.config.p_mean, self.config.p_std).to(x)

@@ -125,11 +125,15 @@ def build_components(
     return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
 
 
+def prompt_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids as ``StableDiffusionPipeline.encode_prompt`` makes them (padded to the max length)."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """``(len(prompts), MAX_TOKENS, width)``: the text encoder's last hidden state, as
     ``StableDiffusionPipeline.encode_prompt`` computes it (padded to the tokenizer's max length)."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    return text_encoder(prompt_ids(tokenizer, prompts).to(text_encoder.device))[0]

@@ -159,7 +159,6 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
 
     share = 0.0 if o.init is not None else o.vae_share
     vae_steps = _loop("vae", *_budget(o, share), vae_step) if share else 0
-    shares = share
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         stats = [vae.encode(x_all[i : i + 256]).latent_dist for i in range(0, n, 256)]
@@ -177,7 +176,6 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
     text = {}
     if text_share:
         text = _pretrain_text(text_encoder, tokenizer, mean, y_all, names, o, gen, _budget(o, text_share))
-        shares += text_share
 
     # --- stage 3: the UNet ------------------------------------------------------------------------
     noise_sched = DDPMScheduler(**BETAS, prediction_type="epsilon")
@@ -209,7 +207,7 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
         ema.step(unet.parameters())
         return loss.item()
 
-    unet_steps = _loop("unet", *_budget(o, 1 - shares), unet_step)
+    unet_steps = _loop("unet", *_budget(o, 1 - share - text_share), unet_step)
     ema.copy_to(unet.parameters())
     unet.eval()
 
@@ -240,7 +238,7 @@ def train_latent_teacher(data, out: str | Path, options: LatentTeacherOptions | 
 
 def _pretrain_text(text_encoder, tokenizer, latents, labels, names, o, gen, budget) -> dict:
     """Contrastive (CLIP) pre-training of ``text_encoder`` on the training captions against the digits' VAE
-    latents, then frozen; returns its record (steps, final loss, held-out retrieval before and after).
+    latents, then frozen; returns its record (steps, held-out retrieval before and after).
 
     SD's text encoder comes from CLIP, trained on other data than SD's captions, and carries a word's meaning
     into phrasings the UNet never saw; a frozen encoder at its random initialisation does not (the first
@@ -251,6 +249,7 @@ def _pretrain_text(text_encoder, tokenizer, latents, labels, names, o, gen, budg
     cross-entropy over the batch, AdamW with weight decay 0.2. Captions of one digit are interchangeable,
     so the loss cannot fall below about log(batch / classes); what it teaches is which words name a digit."""
     from fewstep.data.mnist import eval_prompts, train_captions
+    from fewstep.teachers.text2image import prompt_ids
 
     width = text_encoder.config.hidden_size
     image_tower = torch.nn.Sequential(
@@ -265,9 +264,7 @@ def _pretrain_text(text_encoder, tokenizer, latents, labels, names, o, gen, budg
     n = len(latents)
 
     def features(captions):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids  # fmt: skip
-        return F.normalize(text_head(text_encoder(ids).pooler_output), dim=-1)
+        return F.normalize(text_head(text_encoder(prompt_ids(tokenizer, captions)).pooler_output), dim=-1)
 
     def retrieval() -> float:
         """Share of the held-out evaluation prompts whose nearest class (mean image feature) is their digit."""
